@@ -1,0 +1,182 @@
+"""Fixtures: an app on a temporary SQLite file, a live gunicorn gevent server, a browser."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from webchat import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = os.environ.get("WEBCHAT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Any:
+    """An app on a fresh SQLite file with the demo backend at a fast pace."""
+    return create_app({
+        "TESTING": True,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'webchat.sqlite3'}",
+        "BACKEND": "demo",
+        "DEMO_TOKENS_PER_SECOND": 5000.0,
+        "COALESCE_MS": 1,
+    })
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+def csrf_of(html: str) -> str:
+    """Return the CSRF token a page carries."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "page has no CSRF token"
+    return match.group(1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A gunicorn gevent server running webchat in a subprocess."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    database: Path
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(tmp: Path, *, workers: int = 1, env: dict[str, str] | None = None,
+                 database: Path | None = None) -> Server:
+    """Start gunicorn (-k gevent) on a free 127.0.0.1 port and wait until it answers."""
+    port = free_port()
+    database = database or tmp / "webchat.sqlite3"
+    log = tmp / f"gunicorn-{port}.log"
+    full_env = {
+        **os.environ,
+        "SECRET_KEY": "test-secret-key-0123456789abcdef",
+        "DATABASE_URL": f"sqlite:///{database}",
+        "WEBCHAT_BACKEND": "demo",
+        "WEBCHAT_DEMO_TOKENS_PER_SECOND": "25",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "python:webchat.gunicorn_conf",
+         "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--graceful-timeout", "5",
+         "webchat:create_app()"],
+        cwd=ROOT, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited:\n{log.read_text(errors='replace')}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise RuntimeError(f"gunicorn did not start:\n{log.read_text(errors='replace')}")
+    # Every worker must be up, or a test may land on one still booting.
+    while len(Server(url, process, database, log).worker_pids()) < workers:
+        time.sleep(0.05)
+    return Server(url, process, database, log, full_env)
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One gunicorn gevent worker with the demo backend at 25 tokens/s."""
+    server = start_server(tmp_path_factory.mktemp("live"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start extra servers for one test; all are stopped at its end."""
+    servers: list[Server] = []
+
+    def factory(**kwargs: Any) -> Server:
+        server = start_server(tmp_path, **kwargs)
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the whole session of tests (per xdist worker)."""
+    playwright_sync = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (apt-get install chromium)")
+    with playwright_sync.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh browser profile (context) and page; console errors fail the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.console_errors = errors
+    yield page
+    context.close()
+
+
+def screenshot(page: Any, name: str) -> Path:
+    """Save a screenshot under tests/artifacts/ for a person to look at."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=False)
+    return path

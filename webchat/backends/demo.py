@@ -1,0 +1,87 @@
+"""The demo backend: an offline, deterministic stand-in for a model.
+
+It exists for tests and for machines without a model. Its replies say plainly
+that they come from the demo and show off what the page renders: paragraphs, a
+list, a fenced code block, Chinese text and emoji.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+from .base import BackendError, ChatMessage, Delta, Settings
+
+MODEL = "demo"
+_TOKEN = re.compile(r"\s*\S+|\s+")
+
+TEMPLATE = """\
+This is the **demo model**: a built-in stand-in that needs no key and no network. \
+It repeats what you said and shows what replies can look like.
+
+You wrote: “{quote}”
+
+Here is what a reply can contain:
+
+1. Paragraphs with *emphasis*, **bold** and `inline code`.
+2. Lists, like this one.
+3. Text in any language: 你好，世界！这是演示模型的回复。 👋🌍
+
+```python
+def greet(name: str) -> str:
+    return f"Hello, {{name}}!"
+```
+
+To talk to a real model, start webchat with `OPENAI_API_KEY` (and `OPENAI_BASE_URL` for \
+another provider) or install the built-in local model, and set `WEBCHAT_BACKEND`."""
+
+
+def demo_reply(messages: list[ChatMessage]) -> str:
+    """Return the full reply the demo gives to this conversation."""
+    last = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    quote = " ".join(last.split())
+    if len(quote) > 200:
+        quote = quote[:199] + "…"
+    return TEMPLATE.format(quote=quote)
+
+
+def tokenize(text: str) -> list[str]:
+    """Split text into word-sized tokens whose concatenation is the text."""
+    return _TOKEN.findall(text)
+
+
+class DemoBackend:
+    """Stream ``demo_reply`` token by token at a steady pace."""
+
+    name = "demo"
+
+    def __init__(self, tokens_per_second: float = 40.0) -> None:
+        self.tokens_per_second = tokens_per_second
+
+    def models(self) -> list[str]:
+        """Return the one demo model."""
+        return [MODEL]
+
+    def stream(self, messages: list[ChatMessage], settings: Settings) -> Iterator[Delta]:
+        """Yield the demo reply, one word every 1/tokens_per_second seconds.
+
+        A user message of exactly ``/error`` makes the demo fail half-way, so the
+        error path can be seen and tested.
+        """
+        reply = demo_reply(messages)
+        tokens = tokenize(reply)
+        fail_at = len(tokens) // 2 if messages and messages[-1].content.strip() == "/error" else -1
+        yield Delta(model=MODEL)
+        start = time.monotonic()
+        interval = 1.0 / self.tokens_per_second
+        for index, token in enumerate(tokens):
+            if index == fail_at:
+                raise BackendError("The demo model failed on purpose (you sent /error).")
+            delay = start + index * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            yield Delta(text=token)
+        yield Delta(finish_reason="stop",
+                    usage={"prompt_tokens": sum(len(tokenize(m.content)) for m in messages),
+                           "completion_tokens": len(tokens)})

@@ -1,0 +1,36 @@
+"""Gunicorn settings shared by the Procfile and the ``webchat`` command.
+
+Caveat: gunicorn reads this file in the master; the hooks run in workers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+worker_class = "gevent"
+bind = [f"0.0.0.0:{os.environ.get('PORT', '8000')}"]
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Every open stream is a connection: the default (1000) silently queues the rest.
+worker_connections = int(os.environ.get("WEBCHAT_WORKER_CONNECTIONS", "4000"))
+# Platforms kill a process 30 s after SIGTERM; finish or checkpoint replies before.
+graceful_timeout = 20
+timeout = 60
+keepalive = 5
+limit_request_line = 4094
+limit_request_fields = 60
+limit_request_field_size = 8190
+accesslog = "-"
+errorlog = "-"
+# Several instances may run on one machine (tests, blue/green deploys): no shared
+# control socket in the home directory.
+control_socket_disable = True
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Save replies still being written as interrupted before the worker goes."""
+    app = getattr(worker, "wsgi", None)
+    runner = getattr(app, "extensions", {}).get("webchat.runner") if app else None
+    if runner is not None:
+        runner.shutdown(grace_seconds=0)

@@ -1,0 +1,352 @@
+"""A reply's generation: claim, stream from the backend, checkpoint, stop, tail.
+
+A *run* is a greenlet owned by the worker that claimed the reply. It outlives
+the HTTP connection that started it: the streaming route only *tails* it. A tail
+in the owning worker is woken in-process at once; a tail in another worker (or
+instance) reads the store's checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent import Greenlet
+
+from . import store
+from .backends.base import Backend, BackendError, ChatMessage, Settings
+from .render import StreamRenderer
+
+logger = logging.getLogger(__name__)
+
+REMOTE_POLL_SECONDS = 0.25  # a tail of a run in another worker re-reads the store this often
+STALE_AFTER_SECONDS = 5.0  # a worker silent this long is dead (heartbeat every checkpoint)
+
+
+class StopRun(Exception):  # noqa: N818 - it is a signal, not an error
+    """Raised inside a run's greenlet to stop it."""
+
+
+@dataclass
+class Run:
+    """The live state of one reply being generated in this worker."""
+
+    message_id: str
+    conversation_id: str
+    content: str = ""
+    reasoning: str = ""
+    queued: bool = False
+    status: str = "streaming"
+    error: str = ""
+    model: str = ""
+    stop_requested: bool = False
+    dirty: bool = False
+    version: int = 0
+    greenlet: Greenlet | None = None
+    changed: gevent.event.Event = field(default_factory=gevent.event.Event)
+
+    def notify(self) -> None:
+        """Wake every tail waiting for news of this run."""
+        self.dirty = True
+        self.version += 1
+        changed, self.changed = self.changed, gevent.event.Event()
+        changed.set()
+
+
+@dataclass(frozen=True)
+class Update:
+    """One thing a tail tells its client; the view turns it into an SSE event.
+
+    ``kind`` is one of the event names in ``webchat.sse`` or ``"ping"``. For
+    ``done`` and ``error``, ``message`` is the final stored row to render.
+    """
+
+    kind: str
+    html: str = ""
+    event_id: str = ""
+    message: store.Row | None = None
+    tail: str = ""  # for ``snapshot`` and ``delta``: the open block; ``html`` has finished ones
+
+
+class Runner:
+    """Start, track, checkpoint and stop the runs of this worker process."""
+
+    def __init__(self, *, database: str, backend: Backend, checkpoint_seconds: float = 0.5,
+                 coalesce_seconds: float = 0.04, ping_seconds: float = 15.0) -> None:
+        self.database = database
+        self.backend = backend
+        self.checkpoint_seconds = checkpoint_seconds
+        self.coalesce_seconds = coalesce_seconds
+        self.ping_seconds = ping_seconds
+        self.runs: dict[str, Run] = {}
+        self._checkpointer: Greenlet | None = None
+        self._pid = -1
+        self.worker_id = ""
+
+    # Ownership -------------------------------------------------------------
+
+    def _ensure_worker(self) -> None:
+        # gunicorn forks workers after the app is made: the id and the
+        # checkpoint greenlet belong to the process that runs the replies.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self.worker_id = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"
+            self.runs = {}
+            self._checkpointer = None
+        if self._checkpointer is None or self._checkpointer.dead:
+            self._checkpointer = gevent.spawn(self._checkpoint_loop)
+
+    def claim_and_start(self, message: store.Row, settings: Settings,
+                        history: list[ChatMessage]) -> bool:
+        """Claim a pending reply for this worker and start its run; tell whether we did."""
+        self._ensure_worker()
+        db = store.connect(self.database)
+        try:
+            if not store.claim_message(db, message["id"], self.worker_id):
+                return False
+        finally:
+            db.close()
+        run = Run(message_id=message["id"], conversation_id=message["conversation_id"])
+        self.runs[run.message_id] = run
+        run.greenlet = gevent.spawn(self._generate, run, settings, history)
+        return True
+
+    # Generation ------------------------------------------------------------
+
+    def _generate(self, run: Run, settings: Settings, history: list[ChatMessage]) -> None:
+        started = time.monotonic()
+        first_token: float | None = None
+        usage: dict[str, int] = {}
+        finish_reason = ""
+        stream = self.backend.stream(history, settings)
+        try:
+            for delta in stream:
+                if delta.model:
+                    run.model = delta.model
+                if delta.queued is not None:
+                    run.queued = delta.queued
+                if delta.usage:
+                    usage.update(delta.usage)
+                if delta.finish_reason:
+                    finish_reason = delta.finish_reason
+                if delta.text or delta.reasoning:
+                    if first_token is None:
+                        first_token = time.monotonic()
+                    run.content += delta.text
+                    run.reasoning += delta.reasoning
+                run.notify()
+                if run.stop_requested:
+                    raise StopRun
+            run.status = "complete"
+        except StopRun:
+            run.status = "stopped"
+        except gevent.GreenletExit:
+            run.status = "interrupted"
+        except BackendError as exc:
+            run.status, run.error = "error", exc.message
+        except Exception:
+            logger.exception("run %s failed", run.message_id)
+            run.status, run.error = "error", "Something went wrong while writing this reply."
+        finally:
+            # Closing the generator cancels the upstream request (closes its socket).
+            try:
+                stream.close()
+            except Exception:
+                logger.exception("closing the backend stream of %s failed", run.message_id)
+        if run.status == "complete" and finish_reason == "length":
+            run.error = "The reply was cut off because it reached the length limit."
+        elif run.status == "complete" and finish_reason == "content_filter":
+            run.error = "The provider's content filter stopped this reply."
+        stats: dict[str, Any] = {
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+        }
+        if first_token is not None:
+            stats["first_token_ms"] = round((first_token - started) * 1000)
+            elapsed = time.monotonic() - first_token
+            if usage.get("completion_tokens") and elapsed > 0:
+                stats["tokens_per_second"] = round(usage["completion_tokens"] / elapsed, 1)
+        self._finish(run, finish_reason, stats)
+
+    def _finish(self, run: Run, finish_reason: str, stats: dict[str, Any]) -> None:
+        for attempt in range(5):
+            try:
+                db = store.connect(self.database)
+                try:
+                    store.finish_message(
+                        db, run.message_id, self.worker_id, status=run.status,
+                        content=run.content, reasoning=run.reasoning, error=run.error,
+                        finish_reason=finish_reason, model=run.model, stats=stats)
+                finally:
+                    db.close()
+                break
+            except Exception:
+                logger.exception("saving the end of run %s failed (try %d)", run.message_id,
+                                 attempt + 1)
+                gevent.sleep(0.2 * (attempt + 1))
+        self.runs.pop(run.message_id, None)
+        run.dirty = False
+        run.notify()
+
+    def stop(self, message_id: str) -> None:
+        """Ask a reply to stop: at once if it runs here, else through the store."""
+        db = store.connect(self.database)
+        try:
+            store.request_stop(db, message_id)
+        finally:
+            db.close()
+        self._stop_local(message_id)
+
+    def _stop_local(self, message_id: str) -> None:
+        run = self.runs.get(message_id)
+        if run is None or run.stop_requested:
+            return
+        run.stop_requested = True
+        if run.greenlet is not None:
+            # Raise at whatever the run waits on (usually a socket read), so
+            # the upstream request is cancelled now, not at the next token.
+            run.greenlet.kill(StopRun, block=False)
+
+    def _checkpoint_loop(self) -> None:
+        while True:
+            gevent.sleep(self.checkpoint_seconds)
+            try:
+                self.checkpoint()
+            except Exception:
+                logger.exception("checkpoint failed")
+
+    def checkpoint(self) -> None:
+        """Save every changed reply's text, beat the heart, pick up stop requests."""
+        dirty = [run for run in self.runs.values() if run.dirty]
+        for run in dirty:
+            run.dirty = False
+        db = store.connect(self.database)
+        try:
+            store.checkpoint(db, self.worker_id,
+                             [(r.message_id, r.content, r.reasoning) for r in dirty])
+            stops = store.stop_requested(db, list(self.runs))
+        finally:
+            db.close()
+        for message_id in stops:
+            self._stop_local(message_id)
+
+    def shutdown(self, grace_seconds: float = 0.0) -> None:
+        """Let runs finish for up to ``grace_seconds``, then save the rest as interrupted."""
+        greenlets = [r.greenlet for r in self.runs.values() if r.greenlet is not None]
+        if grace_seconds > 0 and greenlets:
+            gevent.joinall(greenlets, timeout=grace_seconds)
+        for run in list(self.runs.values()):
+            if run.greenlet is not None:
+                run.greenlet.kill(gevent.GreenletExit, block=True, timeout=1.0)
+
+    # Tailing ---------------------------------------------------------------
+
+    def tail(self, message_id: str, load: Callable[[], store.Row | None]) -> Iterator[Update]:
+        """Follow a reply: a snapshot first, then increments, then done or error.
+
+        ``load`` re-reads the message row (with the owner check done by the
+        caller). A reply generated in this worker is followed in-process; one
+        generated elsewhere through the store's checkpoints.
+        """
+        row = load()
+        if row is None:
+            return
+        run = self.runs.get(message_id) if self._pid == os.getpid() else None
+        renderer = StreamRenderer()
+        content, reasoning, queued = _state(run, row)
+        seen = run.version if run is not None else -1
+        snapshot_blocks, snapshot_tail = renderer.feed(content)
+        event_id = _event_id(content, reasoning)
+        yield Update("snapshot", "".join(snapshot_blocks), event_id, tail=snapshot_tail)
+        if reasoning:
+            yield Update("think", reasoning, event_id)
+        if queued:
+            yield Update("status", "queued", event_id)
+        sent_reasoning, sent_queued, sent_tail = reasoning, queued, snapshot_tail
+        last_sent = time.monotonic()
+        while True:
+            if run is not None:
+                if run.status == "streaming" and run.version == seen:
+                    if not run.changed.wait(timeout=self.ping_seconds):
+                        yield Update("ping")
+                        continue
+                    pause = last_sent + self.coalesce_seconds - time.monotonic()
+                    if pause > 0:
+                        gevent.sleep(pause)
+                seen = run.version
+                if run.status == "streaming":
+                    content, reasoning, queued = run.content, run.reasoning, run.queued
+                    final = False
+                else:
+                    run = None
+                    row = load()
+                    if row is None:
+                        return
+                    content, reasoning, queued = _state(None, row)
+                    final = True
+            else:
+                gevent.sleep(REMOTE_POLL_SECONDS)
+                row = self._reload_remote(load)
+                if row is None:
+                    return
+                if row["status"] == "streaming" and row["worker_id"] == self.worker_id:
+                    run = self.runs.get(message_id)  # it moved here; follow it in-process
+                    seen = -1
+                content, reasoning, queued = _state(run, row)
+                final = run is None and row["status"] not in store.ACTIVE
+            event_id = _event_id(content, reasoning)
+            sent_any = False
+            if reasoning != sent_reasoning:
+                yield Update("think", reasoning, event_id)
+                sent_reasoning, sent_any = reasoning, True
+            if queued != sent_queued:
+                yield Update("status", "queued" if queued else "generating", event_id)
+                sent_queued, sent_any = queued, True
+            if final:
+                yield Update("error" if row["status"] == "error" else "done", event_id=event_id,
+                             message=row)
+                return
+            blocks, tail_html = renderer.feed(content)
+            if blocks or tail_html != sent_tail:
+                # One event for both, so the page never shows a block twice
+                # (appended, and still in the old tail) between two swaps.
+                yield Update("delta", "".join(blocks), event_id, tail=tail_html)
+                sent_tail, sent_any = tail_html, True
+            now = time.monotonic()
+            if sent_any:
+                last_sent = now
+            elif now - last_sent >= self.ping_seconds:
+                yield Update("ping")
+                last_sent = now
+
+    def _reload_remote(self, load: Callable[[], store.Row | None]) -> store.Row | None:
+        row = load()
+        if row is None or row["status"] != "streaming" or row["worker_id"] == self.worker_id:
+            return row
+        db = store.connect(self.database)
+        try:
+            if not store.worker_alive(db, row["worker_id"], STALE_AFTER_SECONDS) and (
+                    time.time() - row["updated_at"] > STALE_AFTER_SECONDS):
+                store.mark_interrupted(db, row["id"], row["worker_id"])
+                return load()
+        finally:
+            db.close()
+        return row
+
+
+def _state(run: Run | None, row: store.Row) -> tuple[str, str, bool]:
+    if run is not None:
+        return run.content, run.reasoning, run.queued
+    return row["content"], row["reasoning"], False
+
+
+def _event_id(content: str, reasoning: str) -> str:
+    return str(len(content) + len(reasoning))

@@ -1,0 +1,50 @@
+-- webchat's store. Times are Unix seconds (REAL). Ids are unguessable random strings.
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    seen_at REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,              -- "s:<session id>" or "u:<signed-in user>"
+    title TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT '',
+    system_prompt TEXT NOT NULL DEFAULT '',
+    temperature REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_owner ON conversations (owner, updated_at DESC);
+
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,        -- order within the conversation
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL DEFAULT '',
+    reasoning TEXT NOT NULL DEFAULT '',
+    -- pending -> streaming -> complete | stopped | error | interrupted
+    status TEXT NOT NULL DEFAULT 'complete',
+    error TEXT NOT NULL DEFAULT '',
+    finish_reason TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT '',
+    request_key TEXT,                 -- the composer's one-time key: a retried POST is one turn
+    worker_id TEXT,                   -- the worker whose run generates this reply
+    stop_requested INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    first_token_ms INTEGER,
+    tokens_per_second REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (conversation_id, position),
+    UNIQUE (conversation_id, request_key)
+);
+CREATE INDEX IF NOT EXISTS messages_status ON messages (status) WHERE status IN ('pending', 'streaming');
+
+-- One row per live gunicorn worker; a stale heartbeat means the worker died.
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    heartbeat_at REAL NOT NULL
+);
