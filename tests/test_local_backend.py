@@ -24,7 +24,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the machine
     pytest.skip(f"llama_cpp is not importable: {exc}", allow_module_level=True)
 
-from tinymodel import make_tiny_model
+from tests.tinymodel import make_tiny_model
 
 from webchat.backends import local
 from webchat.backends.base import BackendError, ChatMessage, Delta, Settings
@@ -58,7 +58,7 @@ def _model_is_free_after_each_test() -> Iterator[None]:
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter with the repository and tests importable."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
@@ -185,7 +185,7 @@ def test_second_stream_is_queued_until_the_first_ends(tiny_model: Path) -> None:
     backend = LocalBackend(model_path=tiny_model)
     first: list[tuple[float, Delta]] = []
     second: list[tuple[float, Delta]] = []
-    long_reply = backend.stream(HELLO, Settings(max_tokens=600))
+    long_reply = backend.stream(HELLO, Settings(max_tokens=400))
     one = threading.Thread(target=_collect, args=(long_reply, first))
     one.start()
     while not first:
@@ -282,7 +282,7 @@ def test_generation_does_not_block_the_gevent_loop(tiny_model: Path) -> None:
             global generating
             tokens = 0
             started = time.perf_counter()
-            for delta in backend.stream([ChatMessage("user", "go")], Settings(max_tokens=3000)):
+            for delta in backend.stream([ChatMessage("user", "go")], Settings(max_tokens=600)):
                 if delta.usage:
                     tokens = delta.usage["completion_tokens"]
             generating = False
@@ -296,7 +296,7 @@ def test_generation_does_not_block_the_gevent_loop(tiny_model: Path) -> None:
     """)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["tokens"] == 3000
+    assert report["tokens"] == 600
     assert report["seconds"] > 0.5, f"generation was too quick to prove anything: {report}"
     assert report["ticks"] > report["seconds"] / 0.02, report
     assert report["max_gap"] < 0.1, f"the gevent loop stalled: {report}"
