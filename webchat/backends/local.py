@@ -151,6 +151,7 @@ class LocalBackend:
             if not done:
                 job.cancelled = True
                 _wait_done(job.channel, CLOSE_TIMEOUT)
+            job.channel.close()
 
     def _checked_path(self) -> Path:
         if self.model_path is None:
@@ -219,6 +220,7 @@ def _generate(job: _Job) -> None:
         stream=True,
         max_tokens=min(job.max_tokens, room),
         temperature=job.temperature,
+        # Small models fall into loops; a mild penalty keeps SmolLM2 readable.
         repeat_penalty=1.1,
     )
     completion_tokens = 0
@@ -358,25 +360,29 @@ def _token_text(llm: Any, token: int) -> str:
 
 @contextlib.contextmanager
 def _without_extra_buffer_types() -> Iterator[None]:
-    """Load models with llama.cpp's ``use_extra_bufts`` off (see below for why).
+    """Load models with llama.cpp's ``use_extra_bufts`` off, so no weights are repacked.
 
-    Caveat: ``Llama()`` builds its ``llama_model_params`` from
-    ``llama_model_default_params()`` and loads at once, with no keyword for this
-    field, so the default is swapped for the duration of the load. Callers hold
-    ``_models_lock``; another load elsewhere in the process at the same moment
-    would get the same (safe) setting.
+    Why: besides plain CPU buffers, llama.cpp's CPU backend offers "extra buffer
+    types" that repack weights at load time for special kernels: the AMX tiles
+    of ``ggml-cpu/amx`` and the AVX2/AVX-512/NEON interleaved ``CPU_REPACK``. The
+    AMX one is compiled in whenever the compiler targets AMX-INT8, which a native
+    build (what ``pip install`` does) on a Sapphire Rapids or newer Xeon does, and
+    its ``ggml_backend_amx_mul_mat`` crashes (SIGSEGV) on the first evaluation
+    after the repack on such machines, SmolLM2's Q4_1 weights included (Q4_1 is
+    one of the AMX kernel types). Reports: github.com/ggml-org/llama.cpp/issues/20824
+    and github.com/stanfordnlp/dspy/pull/10079. Whether the kernel is in depends
+    on the build and the machine, so the fix belongs at load time, where it works
+    for every build: with ``use_extra_bufts = False`` the weights stay in plain
+    CPU buffers and the regular ggml kernels run (for SmolLM2 at the same speed:
+    none of its tensor types are repacked by ``CPU_REPACK`` anyway). ggml has no
+    environment variable for this; its ``GGML_*`` knobs cover debugging,
+    backtraces and fusion only.
 
-    Why: llama.cpp's CPU backend offers "extra buffer types" that repack weights
-    at load time for special kernels: AMX tiles (``ggml-cpu/amx``, compiled in
-    whenever the compiler targets a CPU with AMX-INT8, as a native build on a
-    Sapphire Rapids or newer Xeon does) and the AVX2/NEON interleaved repack.
-    With SmolLM2's Q4_1 weights the AMX path crashes the process on the first
-    generated token on CPUs with AMX (SIGSEGV inside the AMX matmul). Whether
-    the kernel is in depends on how llama-cpp-python was built (``pip install``
-    builds natively), so the only robust fix is at load time: with
-    ``use_extra_bufts = False`` weights stay in plain CPU buffers and the
-    regular ggml kernels run. There is no environment variable for this in
-    ggml (its ``GGML_*`` knobs cover scheduling, fusion and backtraces only).
+    Caveat: ``Llama()`` takes no keyword for this field; it builds its
+    ``llama_model_params`` from ``llama_model_default_params()`` and loads at
+    once. So that function is swapped for the duration of the load (callers hold
+    ``_models_lock``); a load elsewhere in the process at that moment would get
+    the same, safe, setting.
     """
     import llama_cpp.llama_cpp as lib
 
@@ -491,6 +497,9 @@ class _Channel(Protocol):
     def get(self, timeout: float | None) -> Event | None:
         """Return the next event, or None after ``timeout`` seconds (0: don't wait)."""
 
+    def close(self) -> None:
+        """Release what the channel holds; call once the stream is over."""
+
 
 class _ThreadChannel:
     """Block the calling OS thread: for plain processes (tests, the Flask dev server)."""
@@ -509,32 +518,51 @@ class _ThreadChannel:
             return None
         return event
 
+    def close(self) -> None:
+        pass
+
 
 class _HubChannel:
-    """Wait cooperatively on a gevent queue that the worker feeds through the hub's loop.
+    """Wait cooperatively for events that a worker thread posts to the caller's gevent hub.
 
-    ``run_callback_threadsafe`` is gevent's way in from another thread: it queues
-    the callback and wakes the loop, so the greenlet resumes at once while the
-    hub never waits on the worker.
+    The worker appends to a deque and sends an ``async_`` watcher, which is
+    gevent's way in from another thread (``gevent.threadpool`` works the same
+    way): it wakes the loop, the hub sets an event and the greenlet resumes,
+    while the hub itself never waits on the worker. The watcher stays started,
+    and referenced, until the stream ends, so the loop knows it has something to
+    wait for: without it a lone waiting greenlet fails with ``LoopExit``.
     """
 
     def __init__(self, hub: Any) -> None:
-        from gevent.queue import Empty, Queue
+        from gevent.event import Event as Ready
 
-        self._loop = hub.loop
-        self._queue: Any = Queue()
-        self._empty: type[Exception] = Empty
+        self._events: deque[Event] = deque()
+        self._ready: Any = Ready()
+        self._watcher: Any = hub.loop.async_()
+        self._watcher.start(self._ready.set)
 
     def put(self, event: Event) -> None:
-        with contextlib.suppress(Exception):  # the hub is gone: nobody is listening
-            self._loop.run_callback_threadsafe(self._queue.put_nowait, event)
+        self._events.append(event)
+        self._watcher.send()
 
     def get(self, timeout: float | None) -> Event | None:
-        try:
-            event: Event = self._queue.get(timeout != 0, timeout or None)
-        except self._empty:
-            return None
-        return event
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._events:
+            if timeout == 0:
+                return None
+            self._ready.clear()
+            if self._events:  # posted after the check above, before clear()
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self._ready.wait(left)
+        return self._events.popleft()
+
+    def close(self) -> None:
+        # Stopped, not closed: a worker that outlived a timed-out close may still
+        # send(), which is harmless on a stopped watcher. GC frees it later.
+        self._watcher.stop()
 
 
 def _make_channel() -> _Channel:
@@ -553,7 +581,9 @@ def _wait_done(channel: _Channel, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         event = channel.get(left)
-        if event is None or event[0] == "done":
+        if event is None:
+            break
+        if event[0] == "done":
             return
     logger.warning("the local model did not stop within %.0f s of a cancel", timeout)
 

@@ -1,0 +1,176 @@
+"""Pages, fragments and the stream, through the Flask test client."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from webchat import create_app
+from webchat.config import ConfigError, load_config
+
+from .conftest import csrf_of
+
+
+def start_turn(client: Any, text: str = "Hello", conversation: str = "") -> tuple[str, str]:
+    """Send a message as htmx would; return the reply's stream URL and the conversation id."""
+    page = client.get("/").get_data(as_text=True)
+    response = client.post("/chat", data={"text": text, "conversation": conversation,
+                                          "request_key": "r" * 22},
+                           headers={"HX-Request": "true", "X-CSRF-Token": csrf_of(page)})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    html = response.get_data(as_text=True)
+    url = re.search(r'sse-connect="([^"]+)"', html)
+    assert url
+    cid = re.search(r'id="conversation-id" value="([^"]+)"', html)
+    assert cid
+    return url.group(1), cid.group(1)
+
+
+def events_of(body: str) -> list[tuple[str, str]]:
+    found = []
+    for block in body.split("\n\n"):
+        lines = block.split("\n")
+        name = next((line[7:] for line in lines if line.startswith("event: ")), None)
+        if name:
+            found.append((name, next((line[4:] for line in lines if line.startswith("id: ")), "")))
+    return found
+
+
+def test_the_empty_page_has_a_composer(client: Any) -> None:
+    response = client.get("/")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert 'name="text"' in html and 'role="log"' in html
+    assert "Demo model" in html
+    assert response.headers["Content-Security-Policy"].startswith("default-src 'self'")
+
+
+def test_a_turn_streams_snapshot_deltas_and_done(client: Any) -> None:
+    url, cid = start_turn(client)
+    response = client.get(url)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["Cache-Control"] == "no-cache, no-transform"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Encoding" not in response.headers
+    body = response.get_data(as_text=True)
+    assert body.startswith("retry: 2000\n\n")
+    events = events_of(body)
+    names = [name for name, _ in events]
+    assert names[0] == "snapshot" and names[-1] == "done"
+    assert set(names) <= {"snapshot", "delta", "done"}
+    assert all(event_id.isdigit() for _, event_id in events)
+    assert "\r" not in body
+
+    again = client.get(url)  # idempotent: the finished reply, never a 204
+    assert again.status_code == 200
+    assert [name for name, _ in events_of(again.get_data(as_text=True))] == ["snapshot", "done"]
+    page = client.get(f"/c/{cid}").get_data(as_text=True)
+    assert "You wrote: “Hello”" in page
+    assert "sse-connect" not in page
+
+
+def test_another_session_gets_404_everywhere(app: Any) -> None:
+    owner = app.test_client()
+    url, cid = start_turn(owner)
+    owner.get(url)
+    stranger = app.test_client()
+    stranger_csrf = csrf_of(stranger.get("/").get_data(as_text=True))
+    mid = url.split("/")[4]
+    assert stranger.get(f"/c/{cid}").status_code == 404
+    assert stranger.get(url).status_code == 404
+    headers = {"HX-Request": "true", "X-CSRF-Token": stranger_csrf}
+    assert stranger.post(f"/c/{cid}/m/{mid}/stop", headers=headers).status_code == 404
+    assert stranger.post(f"/c/{cid}/delete", headers=headers).status_code == 404
+    assert stranger.post("/chat", data={"text": "x", "conversation": cid},
+                         headers=headers).status_code == 404
+    assert owner.get(f"/c/{cid}").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/c/nope", "/c/" + "A" * 22, "/c/../../etc/passwd"])
+def test_malformed_and_unknown_ids_are_404(client: Any, path: str) -> None:
+    assert client.get(path).status_code == 404
+
+
+def test_posts_without_the_csrf_token_are_refused(client: Any) -> None:
+    client.get("/")
+    response = client.post("/chat", data={"text": "hi"})
+    assert response.status_code == 403
+    assert "Reload the page" in response.get_data(as_text=True)
+
+
+def test_a_cross_site_post_is_refused(client: Any) -> None:
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    response = client.post("/chat", data={"text": "hi", "csrf_token": token},
+                           headers={"Origin": "https://evil.example"})
+    assert response.status_code == 403
+
+
+def test_bad_messages_get_clear_errors(client: Any, app: Any) -> None:
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    headers = {"HX-Request": "true", "X-CSRF-Token": token}
+    empty = client.post("/chat", data={"text": "   "}, headers=headers)
+    assert empty.status_code == 400 and "Type a message" in empty.get_data(as_text=True)
+    nul = client.post("/chat", data={"text": "a\x00b"}, headers=headers)
+    assert nul.status_code == 400
+    limit = app.config["MAX_MESSAGE_CHARS"]
+    long = client.post("/chat", data={"text": "x" * (limit + 1)}, headers=headers)
+    assert long.status_code == 413 and "too long" in long.get_data(as_text=True)
+    assert client.post("/chat", data={"text": "x" * limit}, headers=headers).status_code == 200
+
+
+def test_a_second_message_waits_for_the_reply(client: Any) -> None:
+    url, cid = start_turn(client)
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    busy = client.post("/chat", data={"text": "more", "conversation": cid},
+                       headers={"HX-Request": "true", "X-CSRF-Token": token})
+    assert busy.status_code == 409
+    client.get(url).get_data()  # read the stream to its end: the reply is complete
+    again = client.post("/chat", data={"text": "more", "conversation": cid},
+                        headers={"HX-Request": "true", "X-CSRF-Token": token})
+    assert again.status_code == 200
+
+
+def test_a_plain_form_post_redirects_to_the_conversation(client: Any) -> None:
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    response = client.post("/chat", data={"text": "no js", "csrf_token": token})
+    assert response.status_code == 303
+    assert re.match(r"^/c/[A-Za-z0-9_-]{22}$", response.headers["Location"])
+
+
+def test_bad_last_event_id_is_a_400(client: Any) -> None:
+    url, _ = start_turn(client)
+    for value in ["-1", "9" * 40, "abc", "1e9"]:
+        assert client.get(url, headers={"Last-Event-ID": value}).status_code == 400
+    assert client.get(url, headers={"Last-Event-ID": "12"}).status_code == 200
+
+
+def test_healthz(client: Any) -> None:
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_a_bad_setting_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="WEBCHAT_MAX_MESSAGE_CHARS"):
+        load_config({"WEBCHAT_MAX_MESSAGE_CHARS": "lots"})
+    with pytest.raises(ConfigError, match="WEBCHAT_BACKEND"):
+        load_config({"WEBCHAT_BACKEND": "gpt5"})
+    with pytest.raises(ConfigError, match="WEBCHAT_COALESCE_MS"):
+        load_config({"WEBCHAT_COALESCE_MS": "-5"})
+
+
+def test_secret_key_is_required_outside_development(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    monkeypatch.delenv("WEBCHAT_DEV", raising=False)
+    with pytest.raises(ConfigError, match="SECRET_KEY is not set"):
+        create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}", "BACKEND": "demo"})
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    from pathlib import Path
+
+    from webchat.config import SETTINGS
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for setting in SETTINGS:
+        assert f"`{setting.env}`" in readme, f"{setting.env} is not documented in the README"
