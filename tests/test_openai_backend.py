@@ -8,6 +8,7 @@ through the backend's own parsing.
 from __future__ import annotations
 
 import email.utils
+import itertools
 import json
 import math
 import random
@@ -204,7 +205,9 @@ def test_upstream_replays_bytes_exactly_with_the_requested_cuts(up: Upstream) ->
     with httpx.stream("POST", f"{up.url}/chat/completions", json={}, timeout=2) as response:
         pieces = list(response.iter_raw())
     assert b"".join(pieces) == body
-    assert len(pieces) == len(cuts) + 1  # chunked framing keeps every cut visible
+    # Chunked framing keeps every cut visible to the client (TCP may add a few more).
+    boundaries = set(itertools.accumulate(len(piece) for piece in pieces))
+    assert set(cuts) <= boundaries
 
 
 def test_request_carries_model_messages_settings_and_bearer_key(up: Upstream) -> None:
@@ -650,7 +653,8 @@ GEVENT_SCRIPT = textwrap.dedent(
     started = time.monotonic()
     text, error = gevent.spawn(run).get(timeout=10)
     elapsed = time.monotonic() - started
-    ticks_during = len([t for t in ticks if t >= started])
+    during = [t for t in ticks if t >= started]
+    max_gap = max(b - a for a, b in zip(during, during[1:]))
     stall_text, stall_error = gevent.spawn(run, read_timeout=0.3).get(timeout=10)
     victim = gevent.spawn(run)  # its server stalls forever after a few tokens
     gevent.sleep(0.3)
@@ -658,7 +662,7 @@ GEVENT_SCRIPT = textwrap.dedent(
     victim.kill()
     gevent.sleep(1.2)  # stay alive: process exit would close the socket anyway
     ticker.kill()
-    print(json.dumps({"text": text, "error": error, "elapsed": elapsed, "ticks": ticks_during,
+    print(json.dumps({"text": text, "error": error, "elapsed": elapsed, "max_gap": max_gap,
                       "stall_text": stall_text, "stall_error": stall_error,
                       "killed_at": killed_at}))
     """
@@ -667,7 +671,7 @@ GEVENT_SCRIPT = textwrap.dedent(
 
 def test_backend_is_cooperative_under_gevent(up: Upstream) -> None:
     # A hang before the headers and paced chunks: a blocking client would starve the ticker.
-    up.next(Reply.generated(tokens=20, rate=40, hang=0.3))
+    up.next(Reply.generated(tokens=20, rate=40, hang=0.5))
     # Then a stall after a few tokens, cut by the watchdog greenlet.
     stalled = Reply.generated(tokens=20, rate=100)
     stalled.stall_at = event_offsets(stalled.body)[5]
@@ -684,8 +688,10 @@ def test_backend_is_cooperative_under_gevent(up: Upstream) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["error"] is None and report["text"] == generated_text(20)
-    # ~0.8 s of waiting at 10 ms a tick: allow for a slow machine, but not a blocked loop.
-    assert report["ticks"] >= 0.5 * report["elapsed"] / 0.01
+    # A blocking client would stop the 10 ms ticker for the whole 0.5 s hang at least;
+    # a busy machine only delays single ticks.
+    assert report["elapsed"] >= 0.5
+    assert report["max_gap"] < 0.3
     assert report["stall_text"] == generated_text(5)  # the role chunk, then 5 tokens
     assert "stopped sending for 0.3 s" in report["stall_error"]
     # Killing the greenlet closed the connection (CLOCK_MONOTONIC is shared on Linux).

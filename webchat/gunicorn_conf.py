@@ -6,6 +6,8 @@ Caveat: gunicorn reads this file in the master; the hooks run in workers.
 from __future__ import annotations
 
 import os
+import signal
+import time
 from typing import Any
 
 worker_class = "gevent"
@@ -28,9 +30,23 @@ control_socket_disable = True
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 
 
+def post_worker_init(worker: Any) -> None:
+    """Note when the worker is told to stop, so its replies get what is left of the grace."""
+    gunicorn_handler = worker.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        worker.webchat_stopping_since = time.monotonic()
+        gunicorn_handler(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+
+
 def worker_exit(server: Any, worker: Any) -> None:
-    """Save replies still being written as interrupted before the worker goes."""
+    """Let replies finish within the graceful timeout, then save the rest as interrupted."""
     app = getattr(worker, "wsgi", None)
     runner = getattr(app, "extensions", {}).get("webchat.runner") if app else None
-    if runner is not None:
-        runner.shutdown(grace_seconds=0)
+    if runner is None:
+        return
+    since = getattr(worker, "webchat_stopping_since", None)
+    elapsed = time.monotonic() - since if since is not None else 0.0
+    runner.shutdown(grace_seconds=max(0.0, worker.cfg.graceful_timeout - elapsed - 2.0))

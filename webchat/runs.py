@@ -114,7 +114,9 @@ class Runner:
                 return False
         finally:
             db.close()
-        run = Run(message_id=message["id"], conversation_id=message["conversation_id"])
+        # A continued reply starts from the text it already has.
+        run = Run(message_id=message["id"], conversation_id=message["conversation_id"],
+                  content=message["content"], reasoning=message["reasoning"])
         self.runs[run.message_id] = run
         run.greenlet = gevent.spawn(self._generate, run, settings, history)
         return True

@@ -205,6 +205,31 @@ def add_turn(db: sqlite3.Connection, conversation_id: str, text: str, *, model: 
     return user, reply, True
 
 
+def restart_reply(db: sqlite3.Connection, conversation_id: str, message_id: str, *,
+                  keep_text: bool) -> bool:
+    """Make the conversation's last reply pending again: regenerate it, or continue it.
+
+    Only a finished reply that is the last message can restart; tell whether it did.
+    """
+    now = time.time()
+    with transaction(db):
+        last = db.execute(
+            "SELECT id, status FROM messages WHERE conversation_id = ? ORDER BY position DESC"
+            " LIMIT 1", (conversation_id,)).fetchone()
+        if last is None or last["id"] != message_id or last["status"] not in FINAL:
+            return False
+        content = "content" if keep_text else "''"
+        reasoning = "reasoning" if keep_text else "''"
+        db.execute(
+            f"UPDATE messages SET status = 'pending', content = {content},"
+            f" reasoning = {reasoning}, error = '', finish_reason = '', worker_id = NULL,"
+            " stop_requested = 0, prompt_tokens = NULL, completion_tokens = NULL,"
+            " first_token_ms = NULL, tokens_per_second = NULL, updated_at = ? WHERE id = ?",
+            (now, message_id))
+        db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+    return True
+
+
 def history_before(db: sqlite3.Connection, conversation_id: str, position: int) -> list[Row]:
     """Return the messages before ``position``: the context a reply is written for."""
     return db.execute(

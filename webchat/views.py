@@ -275,6 +275,8 @@ def _history(conv: sqlite3.Row, reply: sqlite3.Row) -> list[ChatMessage]:
     for row in store.history_before(get_db(), conv["id"], reply["position"]):
         if row["content"]:
             messages.append(ChatMessage(row["role"], row["content"]))
+    if reply["content"]:  # continuing: the model picks up where the text stops
+        messages.append(ChatMessage("assistant", reply["content"]))
     return messages
 
 
@@ -347,6 +349,30 @@ def _error_bubble(mid: str) -> Markup:
     return Markup('<article class="msg assistant" id="m-{}" data-status="error"><div class="bubble">'
                   '<p class="error" role="alert">The stream failed. Reload the page to see the '
                   "reply.</p></div></article>").format(mid)
+
+
+@bp.post("/c/<cid>/m/<mid>/regenerate")
+def regenerate(cid: str, mid: str) -> Any:
+    """Write the last reply again from scratch."""
+    return _restart(cid, mid, keep_text=False)
+
+
+@bp.post("/c/<cid>/m/<mid>/continue")
+def continue_reply(cid: str, mid: str) -> Any:
+    """Continue a stopped or interrupted reply from where its text ends."""
+    return _restart(cid, mid, keep_text=True)
+
+
+def _restart(cid: str, mid: str, *, keep_text: bool) -> Any:
+    check_csrf()
+    _owner, _reply = _owned_reply(cid, mid)
+    if not store.restart_reply(get_db(), cid, mid, keep_text=keep_text):
+        abort(409, description="Only the last reply can be written again, once it has finished.")
+    if not is_htmx():
+        return redirect(url_for("chat.conversation", cid=cid), code=303)
+    row = store.message_by_id(get_db(), mid)
+    macro = get_template_attribute("_partials.html", "message")
+    return Response(str(macro(row, cid)))
 
 
 @bp.post("/c/<cid>/m/<mid>/stop")

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import random
 import sys
 import time
 from collections import deque
@@ -222,6 +223,8 @@ def _generate(job: _Job) -> None:
         temperature=job.temperature,
         # Small models fall into loops; a mild penalty keeps SmolLM2 readable.
         repeat_penalty=1.1,
+        # llama-cpp-python seeds every call the same way: Regenerate would repeat.
+        seed=random.randrange(2**31),
     )
     completion_tokens = 0
     finish_reason = "stop"
@@ -323,9 +326,14 @@ def _load_model(path: str, n_ctx: int, n_threads: int | None) -> _Model:
         ) from exc
     started = time.monotonic()
     try:
+        # Half the CPUs, for the prompt too (llama-cpp-python would take them all
+        # there): the web workers need the rest, and an oversubscribed OpenMP team
+        # spins itself ten times slower (measured on a busy 2-CPU machine).
+        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         with _without_extra_buffer_types():
             llm = llama_cpp.Llama(
-                model_path=path, n_ctx=n_ctx, n_threads=n_threads, verbose=False
+                model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                verbose=False,
             )
     except (ValueError, RuntimeError, OSError) as exc:
         logger.warning("loading the local model %s failed: %s", path, exc)
@@ -373,8 +381,9 @@ def _without_extra_buffer_types() -> Iterator[None]:
     and github.com/stanfordnlp/dspy/pull/10079. Whether the kernel is in depends
     on the build and the machine, so the fix belongs at load time, where it works
     for every build: with ``use_extra_bufts = False`` the weights stay in plain
-    CPU buffers and the regular ggml kernels run (for SmolLM2 at the same speed:
-    none of its tensor types are repacked by ``CPU_REPACK`` anyway). ggml has no
+    CPU buffers and the regular ggml kernels run. SmolLM2 loses nothing (none of
+    its tensor types is one ``CPU_REPACK`` handles); Q4_0/IQ4_NL models give up
+    that repack's speed-up, the price of one rule for every build. ggml has no
     environment variable for this; its ``GGML_*`` knobs cover debugging,
     backtraces and fusion only.
 
