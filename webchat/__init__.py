@@ -36,6 +36,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         PERMANENT_SESSION_LIFETIME=60 * 60 * 24 * 365,
+        SESSION_REFRESH_EACH_REQUEST=False,  # no Set-Cookie on every stream
         MAX_CONTENT_LENGTH=app.config["MAX_MESSAGE_CHARS"] * 4 + 64 * 1024,
     )
 

@@ -37,6 +37,8 @@ DEFAULT_TEMPERATURE = 0.2
 MIN_REPLY_TOKENS = 16
 # How long closing a stream waits for the worker thread to let go of the model.
 CLOSE_TIMEOUT = 10.0
+# Prompt tokens evaluated between two checks for a cancel.
+PREFILL_CHUNK = 128
 # Chat-template tokens around each message, counted low on purpose: this only
 # estimates how many old turns to drop before the exact count decides.
 _MESSAGE_OVERHEAD = 4
@@ -104,8 +106,8 @@ class LocalBackend:
 
         Closing the iterator, or killing the greenlet that reads it, stops the
         generation within about one token and waits (briefly) until the model is
-        free again. Cancelling during the prompt's evaluation takes effect once
-        the prompt is evaluated: llama.cpp's batch call cannot be interrupted.
+        free again (while the prompt is evaluated: within one chunk of
+        ``PREFILL_CHUNK`` tokens).
         """
         path = self._checked_path()
         max_tokens = settings.max_tokens or self.max_tokens
@@ -216,6 +218,9 @@ def _generate(job: _Job) -> None:
             f"The conversation is too long for the local model ({prompt_tokens} tokens; "
             f"its context holds {n_ctx}). Start a new conversation or shorten the message."
         )
+    prompt = model.prompt_tokens(messages)
+    if prompt is not None and not _prefill(model.llm, prompt[:-1], job):
+        return
     chunks = model.llm.create_chat_completion(
         messages=messages,
         stream=True,
@@ -248,6 +253,29 @@ def _generate(job: _Job) -> None:
         chunks.close()
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
     job.channel.put(("end", finish_reason, usage))
+
+
+def _prefill(llm: Any, tokens: list[int], job: _Job) -> bool:
+    """Evaluate a prompt in chunks, checking for a cancel in between; False if cancelled.
+
+    Why: one ``llama_decode`` of a long prompt cannot be interrupted and takes
+    seconds on a busy CPU. ``create_chat_completion`` then finds these tokens in
+    llama.cpp's cache (llama-cpp-python reuses the longest cached prefix) and
+    evaluates only the last prompt token, left out here so it does so on every
+    version. Tokens already cached from the previous reply are kept.
+    """
+    cached = 0
+    for old, new in zip(llm.input_ids[: llm.n_tokens].tolist(), tokens, strict=False):
+        if old != new:
+            break
+        cached += 1
+    # eval() drops the cache beyond n_tokens before it decodes, as generate() does.
+    llm.n_tokens = cached
+    for start in range(cached, len(tokens), PREFILL_CHUNK):
+        if job.cancelled:
+            return False
+        llm.eval(tokens[start : start + PREFILL_CHUNK])
+    return not job.cancelled
 
 
 def _fit_conversation(
@@ -297,13 +325,21 @@ class _Model:
     def count(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def prompt_size(self, messages: list[dict[str, str]]) -> int:
-        """Return the exact number of tokens of the prompt for ``messages``."""
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int] | None:
+        """Return the prompt for ``messages`` as llama.cpp will see it; None without a template."""
         if self.formatter is None:
-            return sum(self.count(m["content"]) + _MESSAGE_OVERHEAD for m in messages)
+            return None
         prompt = self.formatter(messages=messages).prompt
         # The same call llama-cpp-python makes for a template that adds its own BOS.
-        return len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+        tokens: list[int] = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return tokens
+
+    def prompt_size(self, messages: list[dict[str, str]]) -> int:
+        """Return the number of tokens of the prompt (estimated for a model without a template)."""
+        tokens = self.prompt_tokens(messages)
+        if tokens is None:
+            return sum(self.count(m["content"]) + _MESSAGE_OVERHEAD for m in messages)
+        return len(tokens)
 
 
 def _get_model(path: str, n_ctx: int, n_threads: int | None) -> _Model:
