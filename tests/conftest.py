@@ -98,6 +98,8 @@ def start_server(tmp: Path, *, workers: int = 1, env: dict[str, str] | None = No
         "DATABASE_URL": f"sqlite:///{database}",
         "WEBCHAT_BACKEND": "demo",
         "WEBCHAT_DEMO_TOKENS_PER_SECOND": "25",
+        # Every test client comes from 127.0.0.1: per-address limits are tested apart.
+        "WEBCHAT_ADDRESS_MESSAGES_PER_MINUTE": "10000",
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }

@@ -251,6 +251,22 @@ def test_killing_the_reading_greenlet_stops_generation(tiny_model: Path) -> None
     assert all(d.finish_reason is None for d in received)
 
 
+def test_killing_the_reader_during_a_long_prompt_stops_within_a_chunk(tiny_model: Path) -> None:
+    gevent = pytest.importorskip("gevent")
+    backend = LocalBackend(model_path=tiny_model, n_ctx=16384)
+    # ~15000 prompt tokens: seconds of evaluation, in chunks of PREFILL_CHUNK tokens.
+    long_message = [ChatMessage("user", "abcd " * 3000)]
+    received: list[Delta] = []
+    reader = gevent.spawn(lambda: received.extend(backend.stream(long_message, Settings())))
+    gevent.sleep(0.2)
+    started = time.monotonic()
+    reader.kill(block=True, timeout=5)
+
+    assert reader.dead and received == []
+    assert time.monotonic() - started < 1.0
+    assert not local._gate._busy
+
+
 # --- gevent: the hub keeps its pace ------------------------------------------------------
 
 
@@ -336,12 +352,16 @@ def test_the_loader_turns_extra_buffer_types_off() -> None:
     assert lib.llama_model_default_params().use_extra_bufts is True
 
 
-def llama_has_amx() -> bool:
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+def why_amx_cannot_crash() -> str:
+    """Return why the AMX crash cannot happen here, or "" if it can."""
+    if not cpu_has_amx():
+        return "this CPU has no AMX (no amx_tile flag in /proc/cpuinfo)"
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return "this llama-cpp-python was built without AMX kernels"
+    return ""
 
 
-@pytest.mark.skipif(not cpu_has_amx(), reason="this CPU has no AMX (no amx_tile in /proc/cpuinfo)")
-@pytest.mark.skipif(not llama_has_amx(), reason="this llama-cpp-python was built without AMX")
+@pytest.mark.skipif(bool(why_amx_cannot_crash()), reason=why_amx_cannot_crash() or "-")
 def test_smollm2_with_extra_buffer_types_crashes_on_amx_cpus() -> None:
     # The configuration the product avoids: llama-cpp-python's plain defaults, which
     # repack the weights for AMX. If this starts passing, the workaround may go.

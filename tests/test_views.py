@@ -174,3 +174,53 @@ def test_every_setting_is_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for setting in SETTINGS:
         assert f"`{setting.env}`" in readme, f"{setting.env} is not documented in the README"
+
+
+def test_messages_per_minute_are_limited_with_retry_after(tmp_path: Any) -> None:
+    app = create_app({"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+                      "BACKEND": "demo", "DEMO_TOKENS_PER_SECOND": 5000.0,
+                      "MESSAGES_PER_MINUTE": 3, "REPLIES_IN_FLIGHT": 10})
+    client = app.test_client()
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    headers = {"HX-Request": "true", "X-CSRF-Token": token}
+    for _ in range(3):  # just under the limit: each in its own conversation
+        assert client.post("/chat", data={"text": "hi"}, headers=headers).status_code == 200
+    over = client.post("/chat", data={"text": "hi"}, headers=headers)
+    assert over.status_code == 429
+    assert 1 <= int(over.headers["Retry-After"]) <= 61
+    assert "too fast" in over.get_data(as_text=True)
+    # Another session from another address is not affected.
+    other = app.test_client()
+    other_token = csrf_of(other.get("/").get_data(as_text=True))
+    assert other.post("/chat", data={"text": "hi"}, environ_base={"REMOTE_ADDR": "10.9.9.9"},
+                      headers={"HX-Request": "true", "X-CSRF-Token": other_token}
+                      ).status_code == 200
+
+
+def test_replies_in_flight_are_limited(tmp_path: Any) -> None:
+    app = create_app({"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+                      "BACKEND": "demo", "REPLIES_IN_FLIGHT": 2})
+    client = app.test_client()
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    headers = {"HX-Request": "true", "X-CSRF-Token": token}
+    for _ in range(2):
+        assert client.post("/chat", data={"text": "hi"}, headers=headers).status_code == 200
+    over = client.post("/chat", data={"text": "hi"}, headers=headers)
+    assert over.status_code == 429 and "Retry-After" in over.headers
+
+
+def test_a_full_conversation_says_so(tmp_path: Any) -> None:
+    app = create_app({"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+                      "BACKEND": "demo", "DEMO_TOKENS_PER_SECOND": 5000.0,
+                      "MAX_CONVERSATION_MESSAGES": 4})
+    client = app.test_client()
+    url, cid = start_turn(client)
+    client.get(url).get_data()
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    headers = {"HX-Request": "true", "X-CSRF-Token": token}
+    second = client.post("/chat", data={"text": "two", "conversation": cid}, headers=headers)
+    assert second.status_code == 200
+    client.get(re.search(r'sse-connect="([^"]+)"', second.get_data(as_text=True)).group(1)
+               ).get_data()
+    third = client.post("/chat", data={"text": "three", "conversation": cid}, headers=headers)
+    assert third.status_code == 409 and "full" in third.get_data(as_text=True)

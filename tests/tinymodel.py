@@ -92,7 +92,7 @@ def make_tiny_model(path: Path, *, eos_logit: float = -30.0, seed: int = 0) -> P
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-random-chatml")
-    writer.add_context_length(4096)
+    writer.add_context_length(32768)
     writer.add_embedding_length(N_EMBD)
     writer.add_block_count(N_LAYER)
     writer.add_feed_forward_length(N_FF)

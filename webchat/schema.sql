@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS messages (
     finish_reason TEXT NOT NULL DEFAULT '',
     model TEXT NOT NULL DEFAULT '',
     request_key TEXT,                 -- the composer's one-time key: a retried POST is one turn
+    owner TEXT NOT NULL DEFAULT '',   -- the conversation's owner, for limits across conversations
+    client_addr TEXT NOT NULL DEFAULT '',  -- who sent it, for limits per address
     worker_id TEXT,                   -- the worker whose run generates this reply
     stop_requested INTEGER NOT NULL DEFAULT 0,
     prompt_tokens INTEGER,
@@ -42,6 +44,8 @@ CREATE TABLE IF NOT EXISTS messages (
     UNIQUE (conversation_id, request_key)
 );
 CREATE INDEX IF NOT EXISTS messages_status ON messages (status) WHERE status IN ('pending', 'streaming');
+CREATE INDEX IF NOT EXISTS messages_owner_time ON messages (owner, created_at);
+CREATE INDEX IF NOT EXISTS messages_addr_time ON messages (client_addr, created_at);
 
 -- One row per live gunicorn worker; a stale heartbeat means the worker died.
 CREATE TABLE IF NOT EXISTS workers (

@@ -57,6 +57,31 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
+class LimitError(Exception):
+    """A limit was reached; the message says which, for the user."""
+
+
+def recent_activity(db: sqlite3.Connection, column: str, value: str,
+                    window: float = 60.0) -> tuple[int, float | None, int]:
+    """Count messages sent by an owner or address within ``window`` seconds.
+
+    Returns ``(sent, oldest_time, in_flight)``: how many user messages were sent,
+    when the oldest of them was, and how many replies are still being written.
+    """
+    if column not in ("owner", "client_addr"):
+        raise ValueError(column)
+    since = time.time() - window
+    sent, oldest = db.execute(
+        f"SELECT COUNT(*), MIN(created_at) FROM messages WHERE {column} = ? AND role = 'user'"
+        " AND created_at > ?", (value, since)).fetchone()
+    # A reply whose worker died without anyone noticing stops counting after a while.
+    in_flight = db.execute(
+        f"SELECT COUNT(*) FROM messages WHERE {column} = ? AND role = 'assistant'"
+        " AND status IN ('pending', 'streaming') AND updated_at > ?",
+        (value, time.time() - 600)).fetchone()[0]
+    return int(sent), oldest, int(in_flight)
+
+
 def make_title(text: str) -> str:
     """Make a conversation title from its first message."""
     words = " ".join(text.split())
@@ -154,12 +179,14 @@ def message_by_id(db: sqlite3.Connection, message_id: str) -> Row | None:
 
 
 def add_turn(db: sqlite3.Connection, conversation_id: str, text: str, *, model: str,
-             request_key: str | None = None) -> tuple[Row, Row, bool]:
+             request_key: str | None = None, owner: str = "", client_addr: str = "",
+             max_messages: int | None = None) -> tuple[Row, Row, bool]:
     """Store a user message and a pending assistant reply in one transaction.
 
     Returns ``(user_message, assistant_message, created)``. A POST retried with
     the same ``request_key`` returns the turn it already made, with created False.
-    Raises ValueError if the conversation already has a reply in progress.
+    Raises ValueError if the conversation already has a reply in progress, and
+    LimitError if it already holds ``max_messages`` messages.
     """
     now = time.time()
     with transaction(db):
@@ -184,16 +211,20 @@ def add_turn(db: sqlite3.Connection, conversation_id: str, text: str, *, model: 
             "SELECT COALESCE(MAX(position), -1) + 1 FROM messages WHERE conversation_id = ?",
             (conversation_id,),
         ).fetchone()[0]
+        if max_messages is not None and position + 2 > max_messages:
+            raise LimitError("This conversation is full. Start a new chat to go on.")
         user_id, reply_id = new_id(), new_id()
         db.execute(
             "INSERT INTO messages (id, conversation_id, position, role, content, status,"
-            " request_key, created_at, updated_at) VALUES (?, ?, ?, 'user', ?, 'complete', ?, ?, ?)",
-            (user_id, conversation_id, position, text, request_key, now, now),
+            " request_key, owner, client_addr, created_at, updated_at)"
+            " VALUES (?, ?, ?, 'user', ?, 'complete', ?, ?, ?, ?, ?)",
+            (user_id, conversation_id, position, text, request_key, owner, client_addr, now, now),
         )
         db.execute(
-            "INSERT INTO messages (id, conversation_id, position, role, status, model, created_at,"
-            " updated_at) VALUES (?, ?, ?, 'assistant', 'pending', ?, ?, ?)",
-            (reply_id, conversation_id, position + 1, model, now, now),
+            "INSERT INTO messages (id, conversation_id, position, role, status, model, owner,"
+            " client_addr, created_at, updated_at)"
+            " VALUES (?, ?, ?, 'assistant', 'pending', ?, ?, ?, ?, ?)",
+            (reply_id, conversation_id, position + 1, model, owner, client_addr, now, now),
         )
         db.execute(
             "UPDATE conversations SET updated_at = ?,"

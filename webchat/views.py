@@ -7,6 +7,7 @@ import logging
 import re
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -149,14 +150,21 @@ def _security_headers(response: Response) -> Response:
     return response
 
 
-def _http_error(exc: HTTPException) -> Response | tuple[str, int]:
+def _http_error(exc: HTTPException) -> Response:
     code = exc.code or 500
     message = exc.description or exc.name
     if request.headers.get("Accept", "").startswith("text/event-stream"):
-        return message, code
-    if is_htmx():
-        return render_template("_error.html", code=code, message=message), code
-    return render_template("error.html", code=code, message=message, title=exc.name), code
+        response = Response(message, status=code, mimetype="text/plain")
+    elif is_htmx():
+        response = Response(render_template("_error.html", code=code, message=message),
+                            status=code)
+    else:
+        response = Response(render_template("error.html", code=code, message=message,
+                                            title=exc.name), status=code)
+    for name, value in exc.get_headers():
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers[name] = value
+    return response
 
 
 # Pages --------------------------------------------------------------------
@@ -217,6 +225,8 @@ def send() -> Any:
     owner = current_owner(create=True)
     assert owner is not None
     db = get_db()
+    address = request.remote_addr or ""
+    _check_rate(db, owner, address)
     cid = request.form.get("conversation", "")
     if cid:
         if store.get_conversation(db, owner, valid_id(cid)) is None:
@@ -226,8 +236,12 @@ def send() -> Any:
         cid = store.create_conversation(db, owner, model=backend().models()[0])
         new = True
     try:
-        user, reply, _created = store.add_turn(db, cid, text, model=backend().models()[0],
-                                               request_key=request_key)
+        user, reply, _created = store.add_turn(
+            db, cid, text, model=backend().models()[0], request_key=request_key, owner=owner,
+            client_addr=address,
+            max_messages=current_app.config["MAX_CONVERSATION_MESSAGES"])
+    except store.LimitError as exc:
+        abort(409, description=str(exc))
     except ValueError:
         abort(409, description="Wait for the current reply to finish (or stop it) before "
                                "sending another message.")
@@ -242,6 +256,37 @@ def send() -> Any:
     if new:
         response.headers["HX-Push-Url"] = url_for("chat.conversation", cid=cid)
     return response
+
+
+class TooManyRequests(HTTPException):
+    """429 with a Retry-After header."""
+
+    code = 429
+    name = "Too many requests"
+
+    def __init__(self, description: str, retry_after: int) -> None:
+        super().__init__(description)
+        self.retry_after = retry_after
+
+    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        return [*super().get_headers(*args, **kwargs), ("Retry-After", str(self.retry_after))]
+
+
+def _check_rate(db: sqlite3.Connection, owner: str, address: str) -> None:
+    """Refuse a message past the per-session or per-address limits (counted in the store)."""
+    config = current_app.config
+    checks = [("owner", owner, config["MESSAGES_PER_MINUTE"], config["REPLIES_IN_FLIGHT"]),
+              ("client_addr", address, config["ADDRESS_MESSAGES_PER_MINUTE"],
+               config["ADDRESS_REPLIES_IN_FLIGHT"])]
+    for column, value, per_minute, in_flight_limit in checks:
+        sent, oldest, in_flight = store.recent_activity(db, column, value)
+        if sent >= per_minute:
+            wait = max(1, int(60 - (time.time() - (oldest or time.time()))) + 1)
+            raise TooManyRequests(f"You are sending messages too fast. Try again in {wait} s.",
+                                  wait)
+        if in_flight >= in_flight_limit:
+            raise TooManyRequests("Too many replies are being written at once. Wait for one to "
+                                  "finish, or stop it.", 5)
 
 
 @bp.post("/c/<cid>/delete")

