@@ -16,6 +16,7 @@ pytestmark = pytest.mark.e2e
 
 
 def send(page: Any, text: str) -> None:
+    page.wait_for_load_state("domcontentloaded")  # app.js (Enter sends) has run
     box = page.get_by_label("Message", exact=True)
     box.fill(text)
     box.press("Enter")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gevent
 import pytest
 
 try:
@@ -86,8 +87,15 @@ def test_default_model_path_finds_smollm2_without_importing_its_package() -> Non
     assert LocalBackend().models() == ["SmolLM2-135M-Instruct"]
 
 
-def test_models_is_the_file_stem(tiny_model: Path) -> None:
+def test_models_is_the_file_stem_without_quantization(tiny_model: Path) -> None:
     assert LocalBackend(model_path=tiny_model).models() == ["tiny"]
+    names = {
+        "Llama-3.2-1B-Instruct-Q4_K_M.gguf": "Llama-3.2-1B-Instruct",
+        "qwen2.5-0.5b-instruct-iq4_xs.gguf": "qwen2.5-0.5b-instruct",
+        "phi-2.f16.gguf": "phi-2",
+    }
+    for file, name in names.items():
+        assert LocalBackend(model_path=file).models() == [name]
 
 
 # --- streaming with the tiny model -------------------------------------------------------
@@ -203,15 +211,34 @@ def test_second_stream_is_queued_until_the_first_ends(tiny_model: Path) -> None:
     assert second[-1][1].usage == {"prompt_tokens": 21, "completion_tokens": 50}
 
 
+def test_greenlets_queue_for_the_model_too(tiny_model: Path) -> None:
+    backend = LocalBackend(model_path=tiny_model)
+    first: list[tuple[float, Delta]] = []
+    second: list[tuple[float, Delta]] = []
+    one = gevent.spawn(_collect, backend.stream(HELLO, Settings(max_tokens=400)), first)
+    while not first:
+        gevent.sleep(0.001)
+    two = gevent.spawn(_collect, backend.stream(HELLO, Settings(max_tokens=50)), second)
+    gevent.joinall([one, two], timeout=30, raise_error=True)
+
+    assert [d.queued for _, d in second[:2]] == [True, False]
+    assert second[0][0] < first[-1][0] <= second[1][0]
+    assert first[-1][1].finish_reason == second[-1][1].finish_reason == "length"
+
+
 def test_cancelled_queued_stream_never_runs(tiny_model: Path) -> None:
     backend = LocalBackend(model_path=tiny_model)
     first = backend.stream(HELLO, Settings(max_tokens=400))
     next(first)
     second = backend.stream(HELLO, Settings(max_tokens=400))
     assert next(second).queued is True
+    started = time.monotonic()
     second.close()
+    # It left the queue at once instead of waiting for its turn, and never ran.
+    assert time.monotonic() - started < 0.5
     rest = list(first)
     assert rest[-1].finish_reason == "length"
+    assert not local._gate._waiters
 
 
 # --- cancellation --------------------------------------------------------------------
@@ -232,7 +259,6 @@ def test_closing_the_stream_stops_generation_and_frees_the_model(tiny_model: Pat
 
 
 def test_killing_the_reading_greenlet_stops_generation(tiny_model: Path) -> None:
-    gevent = pytest.importorskip("gevent")
     backend = LocalBackend(model_path=tiny_model, n_ctx=4096)
     received: list[Delta] = []
 
@@ -252,7 +278,6 @@ def test_killing_the_reading_greenlet_stops_generation(tiny_model: Path) -> None
 
 
 def test_killing_the_reader_during_a_long_prompt_stops_within_a_chunk(tiny_model: Path) -> None:
-    gevent = pytest.importorskip("gevent")
     backend = LocalBackend(model_path=tiny_model, n_ctx=16384)
     # ~15000 prompt tokens: seconds of evaluation, in chunks of PREFILL_CHUNK tokens.
     long_message = [ChatMessage("user", "abcd " * 3000)]

@@ -8,6 +8,10 @@ dimension 0 of the residual stream is a constant that no layer writes to, so
 its column in the output matrix acts as a per-token logit bias. That bias
 limits replies to lowercase letters and spaces (one character per token, so
 ``completion_tokens == len(text)``) and sets how likely ``<|im_end|>`` is.
+
+It also serves ``python -m llama_cpp.server --model <file>`` as a real
+OpenAI-compatible upstream; start that with ``--interrupt_requests False``, or
+it answers a second concurrent request with an empty stream.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ It serves real HTTP from a background thread, sends the recorded bytes exactly a
 are (only the HTTP framing is added), and records what it received and when the client
 went away. Use it in-process::
 
-    from tests.upstream import Reply, Upstream, fixture_reply
+    from tests.upstream import Reply, Upstream, fixture_reply  # or .upstream in tests/
 
     with Upstream() as up:                      # up.url == "http://127.0.0.1:PORT/v1"
         up.next(fixture_reply("openai_gpt-4o-mini_text_usage.sse", split=7, delay=0.01))
@@ -12,10 +12,13 @@ went away. Use it in-process::
         ...                                     # point the client at up.url
         req = up.wait_request(0)                # the first request, as received
         req.json["model"]; req.headers["authorization"]
-        req.disconnected.wait(1)                # the client hung up (or the server did)
+        req.disconnected.wait(1)                # the client left before the reply ended
 
-Each request takes the next queued ``Reply``; when the queue is empty ``up.default`` is
-used (``Reply.generated()`` if you pass one, else a 500 saying nothing was scripted).
+Each POST takes the next queued ``Reply`` (``up.next(*replies)``, alias ``up.script``);
+with the queue empty, ``Upstream(default=...)`` answers (e.g. ``Reply.generated()``),
+else a 500 saying nothing was scripted. ``GET .../models`` lists ``Upstream(models=...)``.
+``Reply.error(name_or_bytes, status, headers)`` sends an error body with Content-Length;
+``Reply.generated(tokens, rate)`` streams ``generated_text(tokens)`` at ``rate`` tokens/s.
 ``Reply`` knobs, all optional:
 
 - ``status``, ``headers``: the status line and headers (``Content-Type`` included).
@@ -30,7 +33,10 @@ used (``Reply.generated()`` if you pass one, else a 500 saying nothing was scrip
   ``"close"`` (no length; the end of the body is the end of the connection).
 
 ``event_offsets(body)`` gives the byte offset after each SSE event, for ``stall_at``.
-Every response closes its connection, so each request is a fresh one.
+Every response closes its connection, so each request is a fresh one. ``up.requests``
+holds a ``Received`` per request: ``path`` (with query), ``headers`` (lower-case names),
+``body``/``json``, ``started_at``, ``bytes_sent``, ``pieces_sent``, ``finished`` (an Event),
+``disconnected`` (an Event) and ``disconnected_at`` (``time.monotonic()``).
 
 From another process::
 
@@ -50,7 +56,6 @@ import os
 import random
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -415,4 +420,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import random
+import re
 import sys
 import time
 from collections import deque
@@ -43,6 +44,9 @@ PREFILL_CHUNK = 128
 # Chat-template tokens around each message, counted low on purpose: this only
 # estimates how many old turns to drop before the exact count decides.
 _MESSAGE_OVERHEAD = 4
+
+# "SmolLM2-135M-Instruct.Q4_1", "Llama-3.2-1B-Instruct-Q4_K_M", "phi-2.f16"
+_QUANT_SUFFIX = re.compile(r"[.\-_](I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
 
 Event = tuple[Any, ...]
 
@@ -93,10 +97,9 @@ class LocalBackend:
 
     @property
     def model_name(self) -> str:
-        """Return the model's name: its file name without ``.gguf`` or a quantization suffix."""
-        if self.model_path is None:
-            return Path(DEFAULT_MODEL_FILE).stem.split(".")[0]
-        return self.model_path.stem.split(".")[0] or self.model_path.stem
+        """Return the model's name: its file name without ``.gguf`` and quantization suffix."""
+        stem = Path(self.model_path or DEFAULT_MODEL_FILE).stem
+        return _QUANT_SUFFIX.sub("", stem) or stem
 
     def models(self) -> list[str]:
         """Return the one model this backend runs."""

@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -34,7 +34,7 @@ MAX_BACKOFF = 8.0
 # Provider messages are shown to the user; a whole HTML page or stack trace is not useful.
 MAX_MESSAGE_CHARS = 300
 
-# Optional request fields some servers reject with a 400, and what to do instead.
+# Optional request fields that some servers reject with a 400; see _drop_rejected_field.
 _OPTIONAL_FIELDS = ("stream_options", "max_tokens", "temperature")
 _UNSUPPORTED_PATTERN = re.compile(
     r"(?i)unsupported|not supported|does not support|unrecognized|unknown|extra|not permitted"
@@ -96,7 +96,9 @@ class OpenAIBackend:
         """Return the configured model names (the first is the default)."""
         return list(self.config.models)
 
-    def stream(self, messages: list[ChatMessage], settings: Settings) -> Iterator[Delta]:
+    def stream(
+        self, messages: list[ChatMessage], settings: Settings
+    ) -> Generator[Delta, None, None]:
         """Yield the reply as deltas; raise BackendError on failure.
 
         Retries happen only before the first delta. Closing the generator closes the
@@ -371,14 +373,15 @@ class _Watchdog:
 
     def __init__(self, sock: socket.socket | None, total_deadline: float):
         self.expired: str | None = None
-        self._sock = sock
         self._total = total_deadline
         self._at = total_deadline
         self._reason = "total"
         self._stopped = False
         self._cond = threading.Condition()
         if sock is not None:
-            threading.Thread(target=self._run, name="openai-watchdog", daemon=True).start()
+            threading.Thread(
+                target=self._run, args=(sock,), name="openai-watchdog", daemon=True
+            ).start()
 
     def arm(self, at: float, reason: str) -> None:
         """Fire at ``at`` (a ``time.monotonic()`` value) unless re-armed or paused."""
@@ -399,15 +402,14 @@ class _Watchdog:
             self._stopped = True
             self._cond.notify()
 
-    def _run(self) -> None:
+    def _run(self, sock: socket.socket) -> None:
         with self._cond:
             while not self._stopped:
                 remaining = self._at - time.monotonic()
                 if remaining <= 0:
                     self.expired = self._reason
-                    assert self._sock is not None
                     with contextlib.suppress(OSError):
-                        self._sock.shutdown(socket.SHUT_RDWR)
+                        sock.shutdown(socket.SHUT_RDWR)
                     return
                 self._cond.wait(remaining)
 
