@@ -628,31 +628,19 @@ def test_closing_while_the_server_stalls_hangs_up_too(up: Upstream) -> None:
 
 
 def test_upstream_command_line_serves_generated_tokens() -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "tests" / "upstream.py"),
-            "--port",
-            "0",
-            "--tokens",
-            "30",
-            "--rate",
-            "200",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:")
-        url = line.split()[-1]
-        seen = consume(backend(url).stream(MESSAGES, Settings()))
-        assert seen.error is None and seen.text == generated_text(30)
-        assert seen.usage is not None and seen.usage["completion_tokens"] == 30
-    finally:
-        process.terminate()
-        process.wait(timeout=3)
+    command = [sys.executable, str(REPO / "tests" / "upstream.py"), "--port", "0"]
+    command += ["--tokens", "30", "--rate", "200"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line.startswith("listening on http://127.0.0.1:")
+            seen = consume(backend(line.split()[-1]).stream(MESSAGES, Settings()))
+            assert seen.error is None and seen.text == generated_text(30)
+            assert seen.usage is not None and seen.usage["completion_tokens"] == 30
+        finally:
+            process.terminate()
+            process.wait(timeout=3)
 
 
 GEVENT_SCRIPT = textwrap.dedent(

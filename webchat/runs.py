@@ -160,7 +160,9 @@ class Runner:
         finally:
             # Closing the generator cancels the upstream request (closes its socket).
             try:
-                stream.close()
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
             except Exception:
                 logger.exception("closing the backend stream of %s failed", run.message_id)
         if run.status == "complete" and finish_reason == "length":

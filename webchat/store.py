@@ -202,7 +202,8 @@ def add_turn(db: sqlite3.Connection, conversation_id: str, text: str, *, model: 
                 ).fetchone()
                 return existing, reply, False
         busy = db.execute(
-            "SELECT 1 FROM messages WHERE conversation_id = ? AND status IN ('pending', 'streaming')",
+            "SELECT 1 FROM messages WHERE conversation_id = ?"
+            " AND status IN ('pending', 'streaming')",
             (conversation_id,),
         ).fetchone()
         if busy is not None:

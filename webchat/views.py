@@ -373,8 +373,8 @@ def stream(cid: str, mid: str) -> Response:
             return sse.encode_event(update.kind, str(message_macro(update.message, cid)),
                                     update.event_id)
         if update.kind == sse.SNAPSHOT:
-            return sse.encode_event(sse.SNAPSHOT, str(snapshot_macro(mid, update.html, update.tail)),
-                                    update.event_id)
+            body = snapshot_macro(mid, update.html, update.tail)
+            return sse.encode_event(sse.SNAPSHOT, str(body), update.event_id)
         if update.kind == sse.DELTA:
             return sse.encode_event(sse.DELTA, str(delta_macro(mid, update.html, update.tail)),
                                     update.event_id)
@@ -391,9 +391,9 @@ def stream(cid: str, mid: str) -> Response:
 
 
 def _error_bubble(mid: str) -> Markup:
-    return Markup('<article class="msg assistant" id="m-{}" data-status="error"><div class="bubble">'
-                  '<p class="error" role="alert">The stream failed. Reload the page to see the '
-                  "reply.</p></div></article>").format(mid)
+    return Markup('<article class="msg assistant" id="m-{}" data-status="error">'
+                  '<div class="bubble"><p class="error" role="alert">The stream failed. Reload the '
+                  "page to see the reply.</p></div></article>").format(mid)
 
 
 @bp.post("/c/<cid>/m/<mid>/regenerate")

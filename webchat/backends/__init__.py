@@ -27,14 +27,16 @@ def make_backend(config: Mapping[str, Any]) -> Backend:
     if choice == "openai":
         from .openai import OpenAIBackend, OpenAIConfig
         models = list(config.get("MODELS") or []) or ["gpt-4o-mini"]
-        return OpenAIBackend(OpenAIConfig(base_url=config.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-                                          api_key=config.get("OPENAI_API_KEY"), models=models))
+        base_url = config.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        return OpenAIBackend(OpenAIConfig(base_url=base_url, api_key=config.get("OPENAI_API_KEY"),
+                                          models=models))
     if choice == "local":
         from pathlib import Path
 
         from .local import LocalBackend
         path = config.get("LOCAL_MODEL")
-        return LocalBackend(model_path=Path(path) if path else None)
+        return LocalBackend(model_path=Path(path) if path else None,
+                            n_ctx=config["LOCAL_CONTEXT"], max_tokens=config["LOCAL_MAX_TOKENS"])
     from .demo import DemoBackend
     return DemoBackend(tokens_per_second=config["DEMO_TOKENS_PER_SECOND"])
 

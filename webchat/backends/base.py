@@ -14,7 +14,8 @@ class BackendError(Exception):
     credentials). ``retry_after`` is set when the upstream asked us to wait.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None):
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
