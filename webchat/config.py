@@ -42,6 +42,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _int_at_least_zero(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def _bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -85,6 +92,16 @@ SETTINGS: tuple[Setting, ...] = (
             "vLLM, Ollama, llama.cpp server, ...)."),
     Setting("WEBCHAT_MODELS", "MODELS", _csv, [],
             "Comma-separated model names offered in the model picker; the first is the default."),
+    Setting("WEBCHAT_CONNECT_TIMEOUT", "CONNECT_TIMEOUT", _positive_float, 10.0,
+            "Seconds to wait for the API's TCP/TLS connection."),
+    Setting("WEBCHAT_FIRST_TOKEN_TIMEOUT", "FIRST_TOKEN_TIMEOUT", _positive_float, 120.0,
+            "Seconds to wait for the first token (reasoning models think first)."),
+    Setting("WEBCHAT_READ_TIMEOUT", "READ_TIMEOUT", _positive_float, 60.0,
+            "Longest silence allowed between two chunks once the reply has started."),
+    Setting("WEBCHAT_TOTAL_TIMEOUT", "TOTAL_TIMEOUT", _positive_float, 600.0,
+            "Longest a whole reply from the API may take."),
+    Setting("WEBCHAT_MAX_RETRIES", "MAX_RETRIES", _int_at_least_zero, 2,
+            "Retries (with backoff) of a failed API request, only before the first token."),
     Setting("WEBCHAT_LOCAL_MODEL", "LOCAL_MODEL", _text, None,
             "Path of a GGUF file for the built-in local model (default: SmolLM2-135M-Instruct)."),
     Setting("WEBCHAT_LOCAL_MAX_TOKENS", "LOCAL_MAX_TOKENS", _positive_int, 512,

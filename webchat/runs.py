@@ -153,7 +153,10 @@ class Runner:
         except gevent.GreenletExit:
             run.status = "interrupted"
         except BackendError as exc:
-            run.status, run.error = "error", exc.message
+            if finish_reason == "length":  # some providers add an error after a length cut-off
+                run.status = "complete"
+            else:
+                run.status, run.error = "error", exc.message
         except Exception:
             logger.exception("run %s failed", run.message_id)
             run.status, run.error = "error", "Something went wrong while writing this reply."

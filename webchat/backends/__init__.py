@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from ..config import ConfigError
 from .base import Backend, BackendError
 
 __all__ = ["Backend", "BackendError", "make_backend"]
@@ -28,8 +29,14 @@ def make_backend(config: Mapping[str, Any]) -> Backend:
         from .openai import OpenAIBackend, OpenAIConfig
         models = list(config.get("MODELS") or []) or ["gpt-4o-mini"]
         base_url = config.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        return OpenAIBackend(OpenAIConfig(base_url=base_url, api_key=config.get("OPENAI_API_KEY"),
-                                          models=models))
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"OPENAI_BASE_URL={base_url!r} is invalid: it must be an http(s) URL")
+        return OpenAIBackend(OpenAIConfig(
+            base_url=base_url, api_key=config.get("OPENAI_API_KEY"), models=models,
+            connect_timeout=config["CONNECT_TIMEOUT"],
+            first_token_timeout=config["FIRST_TOKEN_TIMEOUT"],
+            read_timeout=config["READ_TIMEOUT"], total_timeout=config["TOTAL_TIMEOUT"],
+            max_retries=config["MAX_RETRIES"]))
     if choice == "local":
         from pathlib import Path
 
