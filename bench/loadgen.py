@@ -18,8 +18,11 @@ Two targets:
 Events carry ``id:`` = characters of the reply so far; the ``done`` event holds
 the reply's source text, so every event maps to the tokens it completes. Token
 j (1-based) is due at start + (j-1)/R (the first token at once, as the demo
-backend and the peers pace it), where start is when the client began to connect;
-its lag is the arrival of the event that completes it minus that.
+backend and the peers pace it); its lag is the arrival of the event that
+completes it minus that. ``lag_ms`` takes start = the arrival of the stream's
+first event (the snapshot: the reply starts when its stream does), so it shows
+how far delivery falls behind the model's pace; ``lag_from_request_ms`` takes
+start = when the client began to connect, so it also holds the time to start.
 
 Run ``python bench/loadgen.py --help``; ``bench/run.py`` drives it.
 """
@@ -130,6 +133,7 @@ class Stream:
     end: float = 0.0
     status: int = 0
     content_type: str = ""
+    retry_after: str = ""
     error: str = ""
     done: bool = False
     body_bytes: int = 0
@@ -169,8 +173,7 @@ class SSEProtocol(asyncio.Protocol):
         self.last_id = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
@@ -203,6 +206,8 @@ class SSEProtocol(asyncio.Protocol):
                 self.s.content_type = value.strip().decode("latin-1")
             elif name == b"transfer-encoding" and b"chunked" in value.lower():
                 self.chunked = True
+            elif name == b"retry-after":
+                self.s.retry_after = value.strip().decode("latin-1")
         self.in_body = True
         if self.s.established:
             self.counted = True
@@ -416,6 +421,50 @@ async def webchat_tab(host: str, port: int, message: str, replies: int
         writer.close()
 
 
+async def idle_tabs(args: argparse.Namespace) -> dict[str, Any]:
+    """Open tabs that show the page and stream nothing; count the server's connections.
+
+    Each tab loads ``/`` and keeps its keep-alive connection, as a browser does;
+    the server's connections are counted with ``ss`` at once and after the
+    server's keep-alive timeout (``--settle``).
+    """
+    pids = process_tree(args.pid) if args.pid else []
+    rss0 = rss_bytes(pids)
+    connections = []
+    sse_connects = 0
+    for _ in range(args.streams):
+        reader, writer = await asyncio.open_connection(args.host, args.port)
+        status, _headers, body = await http_exchange(
+            reader, writer, f"GET / HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n\r\n".encode())
+        if status != 200:
+            raise RuntimeError(f"GET / answered {status}")
+        sse_connects += body.count(b"sse-connect=")
+        connections.append(writer)
+    await asyncio.sleep(0.5)
+    rss_loaded = rss_bytes(pids)
+    open_now = server_connections(args.port)
+    await asyncio.sleep(args.settle)
+    open_later = server_connections(args.port)
+    rss_later = rss_bytes(pids)
+    for writer in connections:
+        writer.close()
+    return {"config": {"target": "idle", "tabs": args.streams, "port": args.port},
+            "tabs": args.streams, "sse_connect_in_pages": sse_connects,
+            "server_connections_after_load": open_now,
+            "server_connections_after_keepalive": open_later, "waited_s": args.settle + 0.5,
+            "rss_before_mb": round(rss0 / 2**20, 2), "rss_loaded_mb": round(rss_loaded / 2**20, 2),
+            "rss_after_keepalive_mb": round(rss_later / 2**20, 2),
+            "rss_per_idle_tab_kb": round((rss_later - rss0) / args.streams / 1024, 2)}
+
+
+def server_connections(port: int) -> int:
+    """Count established TCP connections whose local port is ``port`` (``ss -tn``)."""
+    import subprocess
+    out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
 # Statistics -------------------------------------------------------------------
 
 def quantiles(values: Any, scale: float = 1000.0) -> dict[str, float | None]:
@@ -447,7 +496,7 @@ def summarize(streams: list[Stream], rate: float) -> dict[str, Any]:
                 ends = token_ends(html.unescape(match.group(1)))
                 break
     total_tokens = len(ends) if ends else 0
-    ttfe, gaps, lags, headers_at = [], [], [], []
+    ttfe, gaps, lags, request_lags, headers_at = [], [], [], [], []
     errors: dict[str, int] = {}
     statuses: dict[str, int] = {}
     names: dict[str, int] = {}
@@ -485,10 +534,13 @@ def summarize(streams: list[Stream], rate: float) -> dict[str, Any]:
                 previous = count
         if arrivals:
             arrived = np.concatenate(arrivals)
-            due = s.start + np.arange(arrived.size) / rate
-            lags.append(arrived - due)
+            pace = np.arange(arrived.size) / rate
+            lags.append(arrived - s.times[0] - pace)
+            request_lags.append(arrived - s.start - pace)
     all_gaps = np.concatenate(gaps) if gaps else np.zeros(0)
     all_lags = np.concatenate(lags) if lags else np.zeros(0)
+    all_request_lags = np.concatenate(request_lags) if request_lags else np.zeros(0)
+    retry_after = sum(1 for s in streams if s.retry_after)
     return {
         "streams": len(streams), "established": established, "completed": completed,
         "failed": len(streams) - completed, "statuses": statuses, "errors": errors,
@@ -497,6 +549,8 @@ def summarize(streams: list[Stream], rate: float) -> dict[str, Any]:
         "bytes_per_event": round(body / events, 1) if events else None,
         "time_to_headers_ms": quantiles(headers_at), "first_event_ms": quantiles(ttfe),
         "gap_ms": quantiles(all_gaps), "lag_ms": quantiles(all_lags),
+        "lag_from_request_ms": quantiles(all_request_lags),
+        "refused_with_retry_after": retry_after,
     }
 
 
@@ -577,6 +631,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     duration = args.tokens / args.rate if args.target == "peer" else args.expect_seconds
     deadline_for = duration + args.grace
     rss_idle = rss_bytes(pids)
+    if args.phase_file:  # tell the harness the clock starts (it may attach a profiler)
+        with open(args.phase_file, "w", encoding="utf-8") as f:
+            f.write("streaming\n")
     cpu0, ccpu0, t0 = cpu_seconds(pids), client_cpu(), time.monotonic()
     sampler = asyncio.ensure_future(sample_server(pids, live, samples, stop))
     watcher = asyncio.ensure_future(watch_loop(loop_lags, stop))
@@ -626,7 +683,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", choices=("peer", "webchat"), required=True)
+    parser.add_argument("--target", choices=("peer", "webchat", "idle"), required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--streams", type=int, default=100, help="concurrent streams (users)")
@@ -646,6 +703,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setup-concurrency", type=int, default=32)
     parser.add_argument("--settle", type=float, default=0.0,
                         help="seconds to wait between setup and streaming")
+    parser.add_argument("--phase-file", default="",
+                        help="a file to write 'streaming' into when the clock starts")
     parser.add_argument("--pid", type=int, default=0, help="the server's (master) process")
     parser.add_argument("--out", default="-", help="where to write the JSON result")
     return parser.parse_args(argv)
@@ -657,9 +716,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
     except ImportError:
-        result = asyncio.run(run(args))
+        result = asyncio.run(idle_tabs(args) if args.target == "idle" else run(args))
     else:
-        result = uvloop.run(run(args))
+        result = uvloop.run(idle_tabs(args) if args.target == "idle" else run(args))
     text = json.dumps(result, indent=1)
     if args.out == "-":
         sys.stdout.write(text + "\n")

@@ -53,6 +53,20 @@
     }
   }
 
+  // The server groups the sidebar by day in the reader's time zone.
+  try {
+    var zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    if (zone && document.cookie.indexOf("tz=" + encodeURIComponent(zone)) === -1) {
+      document.cookie = "tz=" + encodeURIComponent(zone) + "; path=/; max-age=31536000; samesite=lax";
+    }
+  } catch (e) { /* no Intl: UTC it is */ }
+
+  function currentTheme() {
+    var set = document.documentElement.getAttribute("data-theme");
+    if (set) { return set; }
+    return window.matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light";
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     var el = scroller();
     if (el) {
@@ -81,6 +95,15 @@
   document.addEventListener("click", function (event) {
     var target = event.target;
     if (!(target instanceof Element)) { return; }
+    var toggle = target.closest("button.theme-toggle");
+    if (toggle) {
+      // Switch at once; the cookie makes the server render the same colours next time.
+      event.preventDefault();
+      var next = currentTheme() === "dark" ? "light" : "dark";
+      document.documentElement.setAttribute("data-theme", next);
+      document.cookie = "theme=" + next + "; path=/; max-age=31536000; samesite=lax";
+      return;
+    }
     var code = target.closest("button.copy");
     if (code) {
       var pre = code.closest(".code");

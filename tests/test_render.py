@@ -341,6 +341,25 @@ def test_non_http_image_shows_only_its_alt_text() -> None:
     assert "just alt" in html
 
 
+LATEX_SAMPLES = [
+    r"\left( \frac{a}{b} \right) \sqrt[3]{x} \overline{x} \hat{y} \vec{v}",
+    r"\begin{pmatrix} a & b \\ c & d \end{pmatrix} \begin{array}{|c|l|} 1 & 2 \end{array}",
+    r"\sum_{i=0}^{n} \int_a^b \lim_{x \to 0} \operatorname{argmax} \mathbb{R} \mathcal{F}",
+    r"\boxed{x} \cancel{y} \colorbox{yellow}{z} \fcolorbox{red}{blue}{w} \color{#0a0}{v}",
+    r"\displaystyle \binom{n}{k} \tfrac{1}{2} \underbrace{a+b}_{c} \overset{!}{=} \not\in",
+    r"\Huge x \tiny y \quad \qquad \, \; \! \hspace{2em} \mathrm{d}x \text{ if } x > 0",
+    r"\rlap{x} \phantom{y} \smash{z} \substack{a \\ b} \left\langle x \middle| y \right\rangle",
+]
+
+
+@pytest.mark.parametrize("latex", LATEX_SAMPLES)
+def test_mathml_from_latex_keeps_to_the_allow_list(latex: str) -> None:
+    for source in (f"${latex}$", f"$$\n{latex}\n$$"):
+        html = render_markdown(source)
+        assert "<math" in html, html
+        assert_safe(html)
+
+
 def test_latex_markup_in_text_is_escaped_not_parsed() -> None:
     html = render_markdown("$\\text{<b>bold</b>}$")
     assert "<mtext>&lt;b&gt;bold&lt;/b&gt;</mtext>" in html
@@ -359,23 +378,23 @@ def test_mathml_keeps_colours_but_not_huge_lengths() -> None:
     assert '<mspace width="1em">' in html
 
 
-@pytest.mark.parametrize(
-    "source",
-    [
-        "- " * 500 + "x",
-        "> " * 500 + "x",
-        "\n".join("  " * i + "- item" for i in range(500)),
-        "\n".join(">" * i + " q" for i in range(1, 500)),
-        "> - " * 250 + "x",
-        "*" * 500 + "x" + "*" * 500,
-        "[" * 5000 + "x" + "]" * 5000,
-        "[x](" * 2000,
-        "$" + "{" * 2000 + "x" + "}" * 2000 + "$",
-        "$$\n" + "\\frac{" * 800 + "$$",
-        "`" * 3000,
-        "|" * 3000 + "\n" + "|-" * 1500,
-    ],
-)
+DEEP_INPUTS = {
+    "500 nested list markers": "- " * 500 + "x",
+    "500 nested quote markers": "> " * 500 + "x",
+    "500 indented list levels": "\n".join("  " * i + "- item" for i in range(500)),
+    "500 quote levels over lines": "\n".join(">" * i + " q" for i in range(1, 500)),
+    "250 quote-list pairs": "> - " * 250 + "x",
+    "500 emphasis markers": "*" * 500 + "x" + "*" * 500,
+    "5000 brackets": "[" * 5000 + "x" + "]" * 5000,
+    "2000 unclosed links": "[x](" * 2000,
+    "2000 latex braces": "$" + "{" * 2000 + "x" + "}" * 2000 + "$",
+    "800 unclosed fracs": "$$\n" + "\\frac{" * 800 + "$$",
+    "3000 backticks": "`" * 3000,
+    "3000 pipes": "|" * 3000 + "\n" + "|-" * 1500,
+}
+
+
+@pytest.mark.parametrize("source", DEEP_INPUTS.values(), ids=DEEP_INPUTS.keys())
 def test_deep_nesting_neither_crashes_nor_escapes(source: str) -> None:
     html = render_markdown(source)
     tags = assert_safe(html)
@@ -392,6 +411,19 @@ def test_ten_thousand_line_code_block_renders_in_reasonable_time() -> None:
     assert html.count("\n") >= 10_000
     assert "# &lt;4999&gt;" in html
     assert_safe(html)
+
+
+def test_allow_list_names_no_dangerous_tag_or_attribute() -> None:
+    assert not ALLOWED_TAGS & FORBIDDEN_TAGS
+    for tag, attributes in ALLOWED_ATTRIBUTES.items():
+        assert not attributes & FORBIDDEN_ATTRIBUTES, tag
+        assert not any(name.startswith(("on", "hx-", "data-")) for name in attributes), tag
+
+
+def test_lone_surrogates_become_replacement_characters() -> None:
+    assert render_markdown("a \ud800 b") == "<p>a \ufffd b</p>\n"
+    assert render_blocks("x\n\n\udfff\n") == (["<p>x</p>\n"], "<p>\ufffd</p>\n")
+    assert render_text("\udc80<") == "\ufffd&lt;"
 
 
 def test_render_text_escapes_everything() -> None:
@@ -423,7 +455,7 @@ DOCUMENTS = [
     "Setext heading\n===\n\nAnother\n---\n\npara\n***\n\n***bold italic*** text",
     "para\n#hashtag and more\n\npara\n# real heading\n\ntext\n***\nafter rule",
     "- item\n\n  indented paragraph in item\n\n- next item\n\nnot in list\n\n    indented code\n",
-    "[ref] used before\n\n[ref]: https://ok.example\n\nand [ref] after.",
+    "[ref]: https://ok.example\n\n[ref] used after its definition\n\nand [ref] again.",
     "```js\nunclosed fence\nconsole.log(1)\n",
     "Windows\r\nline endings\r\n\r\n- a\r\n- b\r\n\r\ndone\rmac",
     "para\n| a | b |\n|---|---|\n| 1 | 2 |\n\n~~~\ntilde fence\n~~~\ntext",
@@ -442,7 +474,7 @@ def feed_in_pieces(text: str, rng: random.Random) -> tuple[StreamRenderer, list[
     return renderer, blocks, tail
 
 
-@pytest.mark.parametrize("doc", DOCUMENTS[:8] + DOCUMENTS[9:])
+@pytest.mark.parametrize("doc", DOCUMENTS)
 @pytest.mark.parametrize("seed", range(12))
 def test_streamed_blocks_equal_the_whole_render(doc: str, seed: int) -> None:
     renderer, blocks, tail = feed_in_pieces(doc, random.Random(seed))
@@ -521,10 +553,28 @@ def test_feeding_the_same_text_again_returns_no_new_blocks() -> None:
 
 def test_partial_line_does_not_finish_the_block_above() -> None:
     renderer = StreamRenderer()
-    new, tail = renderer.feed("para\n#")
-    assert new == [] and "<h1></h1>" in tail
-    new, tail = renderer.feed("para\n#hashtag")
-    assert new == [] and tail == "<p>para\n#hashtag</p>\n"
+    new, tail = renderer.feed("1. a\n\n2")
+    assert new == [] and "<p>2</p>" in tail
+    new, tail = renderer.feed("1. a\n\n2. b\n")
+    assert new == [] and tail.count("<ol>") == 1 and "<li>\n<p>b</p>\n</li>" in tail
+
+
+def test_block_without_a_blank_line_above_does_not_finish_it() -> None:
+    renderer = StreamRenderer()
+    new, tail = renderer.feed("para\n| a |\n|---|\n")
+    assert new == [] and "<p>para</p>" in tail and "<table>" in tail
+    new, tail = renderer.feed("para\n| a |\n|---|x\n\nnext\n")
+    assert new == ["<p>para\n| a |\n|---|x</p>\n"] and tail == "<p>next</p>\n"
+    assert renderer.snapshot() == render_markdown("para\n| a |\n|---|x\n\nnext\n")
+
+
+def test_closing_dollars_can_claim_lines_until_a_blank_line() -> None:
+    renderer = StreamRenderer()
+    new, _ = renderer.feed("$$\nx\n- a\n")
+    assert new == []
+    new, tail = renderer.feed("$$\nx\n- a\n$$\n")
+    assert new == [] and tail.startswith('<div class="math"><math display="block">')
+    assert "<ul>" not in tail
 
 
 def test_unclosed_fence_streams_as_an_open_code_block() -> None:
@@ -550,6 +600,57 @@ def test_empty_reply_renders_nothing() -> None:
     assert render_blocks("") == ([], "")
     assert render_markdown("") == ""
     assert StreamRenderer().snapshot() == ""
+
+
+STREAM_PIECES = [
+    "\n",
+    "\n\n",
+    " ",
+    "    ",
+    "- ",
+    "* ",
+    "1. ",
+    "2",
+    ". ",
+    "> ",
+    "# ",
+    "```",
+    "```py\n",
+    "~~~",
+    "---",
+    "***",
+    "===",
+    "| a | b |\n",
+    "|---|---|\n",
+    "|",
+    ":-:",
+    "$",
+    "$$",
+    "$$\n",
+    "x^2",
+    "\\frac{a}{b}",
+    "`",
+    "*",
+    "_",
+    "~~",
+    "[",
+    "](https://a.example)",
+    "![",
+    "<",
+    "&amp;",
+    "word",
+    "\t",
+    "\r\n",
+    "<b>",
+]
+
+
+def test_streaming_random_markdown_matches_the_whole_render() -> None:
+    rng = random.Random(2024)
+    for _ in range(300):
+        doc = "".join(rng.choice(STREAM_PIECES) for _ in range(rng.randint(1, 60)))
+        _, blocks, tail = feed_in_pieces(doc, rng)
+        assert "".join(blocks) + tail == render_markdown(doc), doc
 
 
 def test_hostile_input_streamed_stays_safe() -> None:

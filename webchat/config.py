@@ -7,10 +7,13 @@ against this table by a test.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class ConfigError(Exception):
@@ -73,6 +76,64 @@ def _text(value: str) -> str:
     return value
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or a positive integer")
+    return number
+
+
+def _origins(value: str) -> list[str]:
+    """Parse comma-separated web origins (``scheme://host[:port]``), normalized as browsers do."""
+    origins = []
+    for item in _csv(value):
+        parts = urlsplit(item)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (parts.scheme not in ("http", "https") or not parts.hostname or port == -1
+                or parts.path not in ("", "/") or parts.query or parts.fragment
+                or parts.username or parts.password or "*" in item):
+            raise ValueError(f"{item!r} is not an origin like https://intranet.example.com")
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        default = 443 if parts.scheme == "https" else 80
+        origins.append(f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default)
+                                                       else ""))
+    return origins
+
+
+def _networks(value: str) -> list[str]:
+    """Parse comma-separated IP addresses and CIDR ranges."""
+    networks = []
+    for item in _csv(value):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
+    return networks
+
+
+def _header_name(value: str) -> str:
+    value = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", value):
+        raise ValueError("must be an HTTP header name such as X-Forwarded-User")
+    return value
+
+
+def _token(value: str) -> str:
+    if len(value) < 16:
+        raise ValueError("use at least 16 random characters")
+    return value
+
+
+def _log_format(value: str) -> str:
+    value = value.strip().lower()
+    if value not in {"json", "text"}:
+        raise ValueError("must be json or text")
+    return value
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("SECRET_KEY", "SECRET_KEY", _text, None,
             "Signs the session cookie. Required unless WEBCHAT_DEV=1; use a long random string."),
@@ -130,6 +191,23 @@ SETTINGS: tuple[Setting, ...] = (
             "A streaming reply's text is saved to the store at least this often."),
     Setting("WEBCHAT_LOG_LEVEL", "LOG_LEVEL", _text, "INFO",
             "Log level of the `webchat` loggers (DEBUG, INFO, WARNING, ...)."),
+    Setting("WEBCHAT_LOG_FORMAT", "LOG_FORMAT", _log_format, "json",
+            "`json`: one JSON object per log line on stdout, with the request id; `text` for "
+            "people."),
+    Setting("WEBCHAT_EMBED_ORIGINS", "EMBED_ORIGINS", _origins, [],
+            "Comma-separated origins of the sites allowed to show /embed in a frame "
+            "(e.g. `https://intranet.example.com`). Empty: /embed cannot be framed."),
+    Setting("WEBCHAT_TRUSTED_USER_HEADER", "TRUSTED_USER_HEADER", _header_name, None,
+            "Header in which a sign-in proxy names the user (e.g. `X-Forwarded-User`); "
+            "conversations then belong to that user. Off when empty."),
+    Setting("WEBCHAT_TRUSTED_PROXIES", "TRUSTED_PROXIES", _networks, [],
+            "Comma-separated addresses or CIDR ranges of the proxies allowed to send the "
+            "user header (compared with the direct peer address)."),
+    Setting("WEBCHAT_PROXY_HOPS", "PROXY_HOPS", _non_negative_int, 0,
+            "How many reverse proxies stand in front of webchat; their X-Forwarded-For/-Proto/"
+            "-Host/-Port are believed for that many hops. 0: none are believed."),
+    Setting("WEBCHAT_METRICS_TOKEN", "METRICS_TOKEN", _token, None,
+            "Bearer token that /metrics requires. Unset: /metrics answers 404."),
 )
 
 

@@ -32,6 +32,7 @@ from pygments.util import ClassNotFound
 __all__ = [
     "ALLOWED_ATTRIBUTES",
     "ALLOWED_TAGS",
+    "LINK_REL",
     "LINK_SCHEMES",
     "StreamRenderer",
     "pygments_css",
@@ -41,7 +42,8 @@ __all__ = [
 ]
 
 # MathML elements and attributes that latex2mathml emits, minus its `href`, `class`,
-# `style` and `xmlns` (the HTML parser puts <math> in the MathML namespace anyway).
+# `style` and `xmlns` (the HTML parser puts <math> in the MathML namespace anyway) and
+# <mo form>: harmless there, but `form` is on the list of names we never emit.
 _MATHML_ATTRIBUTES: dict[str, set[str]] = {
     "math": {"display"},
     "menclose": {"notation"},
@@ -51,7 +53,6 @@ _MATHML_ATTRIBUTES: dict[str, set[str]] = {
     "mo": {
         "accent",
         "fence",
-        "form",
         "lspace",
         "mathvariant",
         "maxsize",
@@ -140,7 +141,18 @@ _CLASS_RES: dict[str, re.Pattern[str]] = {
 _MATH_VALUE_RE = re.compile(r"[A-Za-z0-9 .#%+-]{0,64}")
 _MATH_LENGTH_RE = re.compile(r"[+-]?(\d*\.?\d+)\s*[a-z%]*")
 _MATH_LENGTH_ATTRS = frozenset(
-    {"depth", "height", "lspace", "maxsize", "minsize", "rspace", "voffset", "width"}
+    {
+        "depth",
+        "height",
+        "linethickness",
+        "lspace",
+        "mathsize",
+        "maxsize",
+        "minsize",
+        "rspace",
+        "voffset",
+        "width",
+    }
 )
 # A length this large could paint math over the rest of the page.
 _MATH_MAX_LENGTH = 20.0
@@ -181,6 +193,8 @@ _FENCE_LANG_RE = re.compile(r"[\w+#.-]{1,32}")
 _ALIGN_RE = re.compile(r"text-align:(left|center|right)")
 _NEWLINE_RE = re.compile(r"\r\n?|\n")
 _CHAR_REF_RE = re.compile(r"&#x([0-9A-Fa-f]{1,6});")
+# Lone surrogates (JSON can decode "\ud800") can't be encoded as UTF-8 by the sanitizer.
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 # Past this size a code block is shown without highlighting (some lexers are slow).
 _MAX_HIGHLIGHT_CHARS = 200_000
 # Longer LaTeX than this is shown as source: the converter is not linear.
@@ -200,7 +214,7 @@ def _is_allowed_url(url: str, schemes: frozenset[str] = LINK_SCHEMES) -> bool:
 
 
 class _SafeMarkdownIt(MarkdownIt):
-    def validateLink(self, url: str) -> bool:  # noqa: N802 (markdown-it's name)
+    def validateLink(self, url: str) -> bool:
         """Allow links (and images, autolinks) only to http, https and mailto."""
         return _is_allowed_url(url)
 
@@ -391,7 +405,7 @@ _MD = _build_markdown()
 
 
 def _parse(text: str, env: EnvType) -> list[Token]:
-    return _MD.parse(text, env)
+    return _MD.parse(_SURROGATE_RE.sub("\ufffd", text), env)
 
 
 def _render_tokens(tokens: Sequence[Token], env: EnvType) -> str:
@@ -399,7 +413,7 @@ def _render_tokens(tokens: Sequence[Token], env: EnvType) -> str:
 
 
 def _fallback_html(text: str) -> str:
-    return f"<pre>{html.escape(text)}</pre>\n"
+    return f"<pre>{render_text(text)}</pre>\n"
 
 
 def render_markdown(text: str) -> str:
@@ -411,12 +425,12 @@ def render_markdown(text: str) -> str:
     try:
         return _render_tokens(_parse(text, {}), {})
     except RecursionError:
-        return _CLEANER.clean(_fallback_html(text))
+        return _fallback_html(text)
 
 
 def render_text(text: str) -> str:
     """Escape a user's plain text for HTML; the page shows it with `white-space: pre-wrap`."""
-    return html.escape(text)
+    return html.escape(_SURROGATE_RE.sub("\ufffd", text))
 
 
 class StreamRenderer:
@@ -458,7 +472,7 @@ class StreamRenderer:
         try:
             tokens = _parse(chunk, env)
         except RecursionError:
-            self._tail = _CLEANER.clean(_fallback_html(chunk))
+            self._tail = _fallback_html(chunk)
             return [], self._tail
         starts = [i for i, t in enumerate(tokens) if t.level == 0 and t.nesting >= 0 and t.map]
         line_starts = [0, *(match.end() for match in _NEWLINE_RE.finditer(chunk))]

@@ -52,3 +52,35 @@ CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     heartbeat_at REAL NOT NULL
 );
+
+-- Full-text search over one's conversations: user messages and finished replies.
+-- A plain FTS5 table holding its own copy (not external content), so deleting a
+-- row that was never indexed cannot corrupt the index. The trigram tokenizer
+-- finds substrings in any language, Chinese included.
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
+    content, message_id UNINDEXED, tokenize = 'trigram'
+);
+CREATE TRIGGER IF NOT EXISTS messages_fts_user AFTER INSERT ON messages
+    WHEN new.role = 'user'
+BEGIN
+    INSERT INTO messages_fts (content, message_id) VALUES (new.content, new.id);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_edit AFTER UPDATE OF content ON messages
+    WHEN new.role = 'user'
+BEGIN
+    DELETE FROM messages_fts WHERE message_id = old.id;
+    INSERT INTO messages_fts (content, message_id) VALUES (new.content, new.id);
+END;
+-- Replies are indexed once, when they finish (not at every checkpoint).
+CREATE TRIGGER IF NOT EXISTS messages_fts_reply AFTER UPDATE OF status ON messages
+    WHEN new.role = 'assistant'
+BEGIN
+    DELETE FROM messages_fts WHERE message_id = old.id;
+    INSERT INTO messages_fts (content, message_id)
+        SELECT new.content, new.id
+        WHERE new.status IN ('complete', 'stopped', 'error', 'interrupted') AND new.content != '';
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages
+BEGIN
+    DELETE FROM messages_fts WHERE message_id = old.id;
+END;

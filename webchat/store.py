@@ -154,11 +154,113 @@ def delete_conversation(db: sqlite3.Connection, owner: str, conversation_id: str
 
 # Messages -----------------------------------------------------------------
 
-def list_messages(db: sqlite3.Connection, conversation_id: str) -> list[Row]:
-    """Return a conversation's messages in order."""
-    return db.execute(
-        "SELECT * FROM messages WHERE conversation_id = ? ORDER BY position", (conversation_id,)
-    ).fetchall()
+def list_messages(db: sqlite3.Connection, conversation_id: str, *, limit: int | None = None,
+                  before: int | None = None) -> list[Row]:
+    """Return a conversation's messages in order: all, or the latest ``limit`` before a position."""
+    if limit is None:
+        return db.execute(
+            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY position",
+            (conversation_id,)).fetchall()
+    rows = db.execute(
+        "SELECT * FROM messages WHERE conversation_id = ? AND position < ?"
+        " ORDER BY position DESC LIMIT ?",
+        (conversation_id, before if before is not None else 2**62, limit)).fetchall()
+    return rows[::-1]
+
+
+def rename_conversation(db: sqlite3.Connection, owner: str, conversation_id: str,
+                        title: str) -> bool:
+    """Give a conversation a new title; tell whether it exists and is the owner's."""
+    cursor = db.execute("UPDATE conversations SET title = ? WHERE id = ? AND owner = ?",
+                        (title, conversation_id, owner))
+    return cursor.rowcount == 1
+
+
+def update_settings(db: sqlite3.Connection, owner: str, conversation_id: str, *, model: str,
+                    system_prompt: str, temperature: float | None) -> bool:
+    """Save a conversation's model, system prompt and temperature."""
+    cursor = db.execute(
+        "UPDATE conversations SET model = ?, system_prompt = ?, temperature = ?"
+        " WHERE id = ? AND owner = ?",
+        (model, system_prompt, temperature, conversation_id, owner))
+    return cursor.rowcount == 1
+
+
+def edit_turn(db: sqlite3.Connection, conversation_id: str, message_id: str, text: str, *,
+              model: str) -> tuple[Row, Row]:
+    """Change a user message, drop every later turn, and add a pending reply to it.
+
+    Raises ValueError if the message is not a user message of this conversation
+    or a reply is still being written.
+    """
+    now = time.time()
+    with transaction(db):
+        user = db.execute("SELECT * FROM messages WHERE id = ? AND conversation_id = ?"
+                          " AND role = 'user'", (message_id, conversation_id)).fetchone()
+        if user is None:
+            raise ValueError("not a message of yours in this conversation")
+        busy = db.execute("SELECT 1 FROM messages WHERE conversation_id = ?"
+                          " AND status IN ('pending', 'streaming')", (conversation_id,)).fetchone()
+        if busy is not None:
+            raise ValueError("a reply is still being written")
+        db.execute("DELETE FROM messages WHERE conversation_id = ? AND position > ?",
+                   (conversation_id, user["position"]))
+        db.execute("UPDATE messages SET content = ?, request_key = NULL, updated_at = ?"
+                   " WHERE id = ?", (text, now, message_id))
+        reply_id = new_id()
+        db.execute(
+            "INSERT INTO messages (id, conversation_id, position, role, status, model, owner,"
+            " client_addr, created_at, updated_at)"
+            " VALUES (?, ?, ?, 'assistant', 'pending', ?, ?, ?, ?, ?)",
+            (reply_id, conversation_id, user["position"] + 1, model, user["owner"],
+             user["client_addr"], now, now))
+        db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+        user = db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        reply = db.execute("SELECT * FROM messages WHERE id = ?", (reply_id,)).fetchone()
+    return user, reply
+
+
+SNIPPET_START, SNIPPET_END = "\x02", "\x03"
+
+
+def search(db: sqlite3.Connection, owner: str, query: str,
+           limit: int = 50) -> list[Row] | list[dict[str, Any]]:
+    """Find the owner's messages containing ``query`` (any language), best matches first.
+
+    Each row has the message, its conversation's ``title`` and a ``snippet`` whose
+    matches are wrapped in SNIPPET_START/SNIPPET_END. Queries shorter than three
+    characters (below the trigram index) fall back to a scan.
+    """
+    query = query.strip()
+    if not query:
+        return []
+    if len(query) >= 3:
+        phrase = '"' + query.replace('"', '""') + '"'
+        return db.execute(
+            "SELECT m.*, c.title AS title,"
+            f" snippet(messages_fts, 0, '{SNIPPET_START}', '{SNIPPET_END}', '…', 48) AS snippet"
+            " FROM messages_fts f JOIN messages m ON m.id = f.message_id"
+            " JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE messages_fts MATCH ? AND c.owner = ? ORDER BY rank LIMIT ?",
+            (phrase, owner, limit)).fetchall()
+    escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    rows = db.execute(
+        "SELECT m.*, c.title AS title FROM messages m"
+        " JOIN conversations c ON c.id = m.conversation_id"
+        " WHERE c.owner = ? AND m.content LIKE ? ESCAPE '\\' AND m.status != 'pending'"
+        " ORDER BY m.created_at DESC LIMIT ?", (owner, f"%{escaped}%", limit)).fetchall()
+    return [_with_snippet(row, query) for row in rows]
+
+
+def _with_snippet(row: Row, query: str) -> dict[str, Any]:
+    content: str = row["content"]
+    at = content.lower().find(query.lower())
+    start = max(0, at - 60)
+    end = min(len(content), at + len(query) + 60)
+    snippet = ("…" if start else "") + content[start:at] + SNIPPET_START + \
+        content[at:at + len(query)] + SNIPPET_END + content[at + len(query):end] + \
+        ("…" if end < len(content) else "")
+    return {**dict(row), "snippet": snippet}
 
 
 def get_message(db: sqlite3.Connection, owner: str, conversation_id: str,

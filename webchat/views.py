@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone, tzinfo
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from flask import (
     Blueprint,
@@ -51,7 +54,14 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(HTTPException, _http_error)
     app.jinja_env.add_extension("jinja2.ext.i18n")
     app.jinja_env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
-    app.jinja_env.globals.update(render_markdown=render_markdown, render_text=render_text)
+    app.jinja_env.globals.update(render_markdown=render_markdown, render_text=render_text,
+                                 csrf_token=csrf_token)
+    app.context_processor(_page_context)
+
+
+def _page_context() -> dict[str, Any]:
+    theme = request.cookies.get("theme", "")
+    return {"theme": theme if theme in ("light", "dark") else ""}
 
 
 # Plumbing -----------------------------------------------------------------
@@ -169,14 +179,48 @@ def _http_error(exc: HTTPException) -> Response:
 
 # Pages --------------------------------------------------------------------
 
-def _page(conversation: sqlite3.Row | None, messages: list[sqlite3.Row]) -> str:
+PAGE_MESSAGES = 40  # the latest messages a page shows; older ones load on scrolling up
+
+
+def group_conversations(conversations: list[sqlite3.Row]) -> list[tuple[str, list[sqlite3.Row]]]:
+    """Group the sidebar by Today / Previous 7 days / Older, in the reader's time zone."""
+    zone = _reader_zone()
+    today = datetime.now(zone).date()
+    groups: dict[str, list[sqlite3.Row]] = {"today": [], "week": [], "older": []}
+    for conv in conversations:
+        day = datetime.fromtimestamp(conv["updated_at"], zone).date()
+        key = "today" if day >= today else "week" if (today - day).days <= 7 else "older"
+        groups[key].append(conv)
+    return [(key, rows) for key, rows in groups.items() if rows]
+
+
+def _reader_zone() -> tzinfo:
+    # app.js stores the browser's IANA time zone in a cookie; UTC until it has.
+    name = request.cookies.get("tz", "")
+    if name and len(name) < 64:
+        try:
+            return ZoneInfo(name)
+        except (ValueError, ZoneInfoNotFoundError):
+            pass
+    return timezone.utc
+
+
+def _sidebar() -> dict[str, Any]:
     owner = current_owner()
     conversations = store.list_conversations(get_db(), owner) if owner else []
+    return {"groups": group_conversations(conversations)}
+
+
+def _page(conversation: sqlite3.Row | None, messages: list[sqlite3.Row], *,
+          editing: str | None = None) -> str:
+    models = backend().models()
+    current_model = (conversation["model"] if conversation else "") or models[0]
     return render_template(
         "chat.html", conversation=conversation, messages=messages,
-        conversations=conversations, csrf=csrf_token(), request_key=store.new_id(),
-        backend_name=backend().name, model=backend().models()[0],
-        max_chars=current_app.config["MAX_MESSAGE_CHARS"],
+        more_before=messages[0]["position"] if messages and messages[0]["position"] > 0 else None,
+        csrf=csrf_token(), request_key=store.new_id(), backend_name=backend().name,
+        models=models, model=current_model if current_model in models else models[0],
+        max_chars=current_app.config["MAX_MESSAGE_CHARS"], editing=editing, **_sidebar(),
     )
 
 
@@ -186,14 +230,181 @@ def index() -> str:
     return _page(None, [])
 
 
-@bp.get("/c/<cid>")
-def conversation(cid: str) -> str:
-    """Show one conversation with its whole history."""
+def _owned_conversation(cid: str) -> sqlite3.Row:
     owner = current_owner()
     conv = store.get_conversation(get_db(), owner, valid_id(cid)) if owner else None
     if conv is None:
         abort(404, description="This conversation does not exist, or it is not yours.")
-    return _page(conv, store.list_messages(get_db(), cid))
+    return conv
+
+
+@bp.get("/c/<cid>")
+def conversation(cid: str) -> str:
+    """Show one conversation: its latest messages (older ones load on scrolling up)."""
+    conv = _owned_conversation(cid)
+    editing = request.args.get("edit")
+    limit = None if editing else PAGE_MESSAGES
+    return _page(conv, store.list_messages(get_db(), cid, limit=limit), editing=editing)
+
+
+@bp.get("/c/<cid>/messages")
+def older_messages(cid: str) -> Any:
+    """Return the messages before ``before`` (for scrolling up through a long conversation)."""
+    conv = _owned_conversation(cid)
+    try:
+        before = int(request.args.get("before", ""))
+    except ValueError:
+        abort(400, description="`before` must be a message position.")
+    if before < 0 or before > 2**40:
+        abort(400, description="`before` must be a message position.")
+    messages = store.list_messages(get_db(), cid, limit=PAGE_MESSAGES, before=before)
+    if not is_htmx():
+        return _page(conv, messages)
+    return render_template(
+        "_older.html", conversation=conv, messages=messages,
+        more_before=messages[0]["position"] if messages and messages[0]["position"] > 0 else None)
+
+
+@bp.post("/c/<cid>/rename")
+def rename(cid: str) -> Any:
+    """Give a conversation a new title."""
+    check_csrf()
+    conv = _owned_conversation(cid)
+    title = " ".join(_form_text("title").split())[:200]
+    if not title:
+        abort(400, description="A title cannot be empty.")
+    store.rename_conversation(get_db(), current_owner() or "", conv["id"], title)
+    if not is_htmx():
+        return redirect(url_for("chat.conversation", cid=cid), code=303)
+    conv = _owned_conversation(cid)
+    return render_template("_renamed.html", conversation=conv, **_sidebar())
+
+
+@bp.post("/c/<cid>/settings")
+def settings(cid: str) -> Any:
+    """Save the conversation's system prompt, model and temperature."""
+    check_csrf()
+    conv = _owned_conversation(cid)
+    models = backend().models()
+    model = request.form.get("model") or conv["model"] or models[0]
+    if model not in models:
+        abort(400, description="That model is not offered here.")
+    raw_temperature = request.form.get("temperature", "").strip()
+    temperature: float | None = None
+    if raw_temperature:
+        try:
+            temperature = float(raw_temperature)
+        except ValueError:
+            abort(400, description="The temperature must be a number between 0 and 2.")
+        if not 0 <= temperature <= 2:
+            abort(400, description="The temperature must be a number between 0 and 2.")
+    system_prompt = _form_text("system_prompt").strip()
+    if len(system_prompt) > current_app.config["MAX_MESSAGE_CHARS"]:
+        abort(413, description="The system prompt is too long.")
+    store.update_settings(get_db(), current_owner() or "", conv["id"], model=model,
+                          system_prompt=system_prompt, temperature=temperature)
+    if not is_htmx():
+        return redirect(url_for("chat.conversation", cid=cid), code=303)
+    return render_template("_saved.html")
+
+
+@bp.post("/c/<cid>/m/<mid>/edit")
+def edit(cid: str, mid: str) -> Any:
+    """Change a message of yours and send it again; the turns after it are replaced."""
+    check_csrf()
+    conv = _owned_conversation(cid)
+    text = _message_text()
+    model = conv["model"] or backend().models()[0]
+    try:
+        store.edit_turn(get_db(), cid, valid_id(mid), text, model=model)
+    except ValueError:
+        abort(409, description="This message cannot be edited now: wait for the reply to "
+                               "finish, or stop it.")
+    if not is_htmx():
+        return redirect(url_for("chat.conversation", cid=cid), code=303)
+    messages = store.list_messages(get_db(), cid, limit=PAGE_MESSAGES)
+    response = Response(render_template(
+        "_transcript.html", conversation=conv, messages=messages,
+        more_before=messages[0]["position"] if messages and messages[0]["position"] > 0 else None))
+    response.headers["HX-Replace-Url"] = url_for("chat.conversation", cid=cid)
+    return response
+
+
+@bp.get("/search")
+def search() -> str:
+    """Search every conversation of yours."""
+    query = request.args.get("q", "")[:200]
+    owner = current_owner()
+    results = store.search(get_db(), owner, query) if owner and query.strip() else []
+    return render_template("search.html", query=query, results=results, csrf=csrf_token(),
+                           snippet=_snippet_html, **_sidebar())
+
+
+def _snippet_html(text: str) -> Markup:
+    escaped = str(escape(text))
+    return Markup(escaped.replace(store.SNIPPET_START, "<mark>")
+                  .replace(store.SNIPPET_END, "</mark>"))
+
+
+@bp.get("/c/<cid>/export.<fmt>")
+def export(cid: str, fmt: str) -> Response:
+    """Download a conversation as Markdown or JSON."""
+    conv = _owned_conversation(cid)
+    messages = store.list_messages(get_db(), cid)
+    safe_title = re.sub(r"[^\w.-]+", "-", conv["title"], flags=re.UNICODE).strip("-")[:60]
+    filename = f"{safe_title or 'conversation'}.{fmt}"
+    if fmt == "json":
+        data = {
+            "id": conv["id"], "title": conv["title"], "model": conv["model"],
+            "system_prompt": conv["system_prompt"], "temperature": conv["temperature"],
+            "created_at": _iso(conv["created_at"]),
+            "messages": [{"role": m["role"], "content": m["content"],
+                          **({"reasoning": m["reasoning"]} if m["reasoning"] else {}),
+                          "status": m["status"], "model": m["model"] or None,
+                          "created_at": _iso(m["created_at"])} for m in messages],
+        }
+        body = json.dumps(data, ensure_ascii=False, indent=2)
+        mimetype = "application/json"
+    elif fmt == "md":
+        parts = [f"# {conv['title']}\n"]
+        if conv["system_prompt"]:
+            parts.append(f"> System prompt: {conv['system_prompt']}\n")
+        for m in messages:
+            who = "You" if m["role"] == "user" else f"Assistant ({m['model'] or 'model'})"
+            parts.append(f"## {who}\n\n{m['content']}\n")
+        body = "\n".join(parts)
+        mimetype = "text/markdown"
+    else:
+        abort(404)
+    response = Response(body, mimetype=mimetype)
+    response.headers["Content-Disposition"] = (
+        f"attachment; filename=\"conversation.{fmt}\"; filename*=UTF-8''{quote(filename)}")
+    return response
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+
+
+@bp.post("/theme")
+def theme() -> Any:
+    """Remember light, dark or system colours (for pages without JavaScript too)."""
+    check_csrf()
+    choice = request.form.get("theme", "")
+    response = redirect(_safe_back(), code=303)
+    if choice in ("light", "dark"):
+        response.set_cookie("theme", choice, max_age=365 * 86400, samesite="Lax",
+                            secure=request.is_secure)
+    else:
+        response.delete_cookie("theme")
+    return response
+
+
+def _safe_back() -> str:
+    target = request.form.get("next", "")
+    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return url_for("chat.index")
 
 
 @bp.get("/healthz")
@@ -205,20 +416,34 @@ def healthz() -> tuple[dict[str, str], int]:
 
 # Sending ------------------------------------------------------------------
 
-@bp.post("/chat")
-def send() -> Any:
-    """Store the user's message and a pending reply; answer with both bubbles."""
-    check_csrf()
-    text = request.form.get("text", "")
-    if "\x00" in text:
-        abort(400, description="The message contains a NUL character, which is not allowed.")
-    text = text.replace("\r\n", "\n").strip()
+def _form_text(name: str) -> str:
+    """Return a form field as text, refusing NUL characters and lone surrogates."""
+    value = request.form.get(name, "")
+    if "\x00" in value:
+        abort(400, description="The text contains a NUL character, which is not allowed.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        abort(400, description="The text is not valid Unicode.")
+    return value
+
+
+def _message_text() -> str:
+    text = _form_text("text").replace("\r\n", "\n").strip()
     if not text:
         abort(400, description="Type a message first.")
     limit = current_app.config["MAX_MESSAGE_CHARS"]
     if len(text) > limit:
         abort(413, description=f"The message is too long: {len(text):,} characters, "
                                f"the limit is {limit:,}.")
+    return text
+
+
+@bp.post("/chat")
+def send() -> Any:
+    """Store the user's message and a pending reply; answer with both bubbles."""
+    check_csrf()
+    text = _message_text()
     request_key = request.form.get("request_key") or None
     if request_key is not None and not _ID.match(request_key):
         abort(400, description="The form is malformed. Reload the page and try again.")
@@ -227,17 +452,25 @@ def send() -> Any:
     db = get_db()
     address = request.remote_addr or ""
     _check_rate(db, owner, address)
+    models = backend().models()
+    model = request.form.get("model") or models[0]
+    if model not in models:
+        abort(400, description="That model is not offered here.")
     cid = request.form.get("conversation", "")
     if cid:
-        if store.get_conversation(db, owner, valid_id(cid)) is None:
+        conv = store.get_conversation(db, owner, valid_id(cid))
+        if conv is None:
             abort(404, description="This conversation does not exist, or it is not yours.")
+        if "model" in request.form and model != conv["model"]:
+            store.update_settings(db, owner, cid, model=model, system_prompt=conv["system_prompt"],
+                                  temperature=conv["temperature"])
         new = False
     else:
-        cid = store.create_conversation(db, owner, model=backend().models()[0])
+        cid = store.create_conversation(db, owner, model=model)
         new = True
     try:
         user, reply, _created = store.add_turn(
-            db, cid, text, model=backend().models()[0], request_key=request_key, owner=owner,
+            db, cid, text, model=model, request_key=request_key, owner=owner,
             client_addr=address,
             max_messages=current_app.config["MAX_CONVERSATION_MESSAGES"])
     except store.LimitError as exc:
@@ -250,7 +483,7 @@ def send() -> Any:
     conv = store.get_conversation(db, owner, cid)
     html = render_template(
         "_turn.html", conversation=conv, messages=[user, reply], new=new,
-        conversations=store.list_conversations(db, owner), request_key=store.new_id(),
+        request_key=store.new_id(), csrf=csrf_token(), models=models, model=model, **_sidebar(),
     )
     response = Response(html)
     if new:
