@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,13 +61,13 @@ def test_rename_settings_export_and_delete(server: Server, page: Any) -> None:
 
     with page.expect_download() as download_info:
         panel.get_by_role("link", name="JSON").click()
-    data = json.loads(open(download_info.value.path(), encoding="utf-8").read())
+    data = json.loads(Path(download_info.value.path()).read_text(encoding="utf-8"))
     assert data["title"] == "Tea notes" and data["system_prompt"] == "Answer like a pirate."
     assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
     assert data["messages"][0]["content"] == "A conversation about tea"
     with page.expect_download() as download_info:
         panel.get_by_role("link", name="Markdown").click()
-    markdown = open(download_info.value.path(), encoding="utf-8").read()
+    markdown = Path(download_info.value.path()).read_text(encoding="utf-8")
     assert markdown.startswith("# Tea notes") and "## You\n\nA conversation about tea" in markdown
 
     page.once("dialog", lambda dialog: dialog.accept())

@@ -10,7 +10,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone, tzinfo
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -202,7 +202,7 @@ def _reader_zone() -> tzinfo:
             return ZoneInfo(name)
         except (ValueError, ZoneInfoNotFoundError):
             pass
-    return timezone.utc
+    return UTC
 
 
 def _sidebar() -> dict[str, Any]:
@@ -383,7 +383,7 @@ def export(cid: str, fmt: str) -> Response:
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
 @bp.post("/theme")
