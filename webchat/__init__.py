@@ -60,6 +60,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from . import views
     views.init_app(app)
+    from . import embed, identity, ops
+    identity.init_app(app)
+    embed.init_app(app)
+    ops.init_app(app)
     logger.info("webchat ready: backend %s, models %s, store %s", backend.name,
                 ", ".join(backend.models()), app.config["DATABASE"])
     return app

@@ -5,8 +5,11 @@ Caveat: gunicorn reads this file in the master; the hooks run in workers.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -29,6 +32,13 @@ errorlog = "-"
 control_socket_disable = True
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 
+# prometheus_client's multiprocess mode (webchat.metrics): every worker writes its metrics
+# to files in one directory, fresh for each server. Set here, before any worker imports
+# prometheus_client (also with --preload); the workers inherit it.
+_made_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _made_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="webchat-metrics-")
+
 
 def post_worker_init(worker: Any) -> None:
     """Note when the worker is told to stop, so its replies get what is left of the grace."""
@@ -50,3 +60,23 @@ def worker_exit(server: Any, worker: Any) -> None:
     since = getattr(worker, "webchat_stopping_since", None)
     elapsed = time.monotonic() - since if since is not None else 0.0
     runner.shutdown(grace_seconds=max(0.0, worker.cfg.graceful_timeout - elapsed - 2.0))
+
+
+def on_starting(server: Any) -> None:
+    """Start the metrics from zero: remove what a previous server left in the directory."""
+    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(path)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges (prometheus_client's mark_process_dead, done here so
+    the master never imports it)."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for path in glob.glob(os.path.join(directory, f"gauge_live*_{worker.pid}.db")):
+        os.remove(path)
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory this server made."""
+    if _made_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -27,15 +27,16 @@ from flask import (
     render_template,
     request,
     session,
+    stream_template,
     stream_with_context,
     url_for,
 )
 from markupsafe import Markup, escape
 from werkzeug.exceptions import HTTPException
 
-from . import sse, store
+from . import identity, sse, store
 from .backends.base import Backend, ChatMessage, Settings
-from .render import render_markdown, render_text
+from .render import StreamRenderer, render_markdown, render_text
 from .runs import Runner, Update
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def current_owner(create: bool = False) -> str | None:
 
     With ``create``, a session is made for a browser that has none yet.
     """
+    if user := identity.trusted_user(request, current_app.config):
+        return f"u:{user}"
     sid = session.get("sid")
     if isinstance(sid, str) and store.session_exists(get_db(), sid):
         return f"s:{sid}"
@@ -479,7 +482,7 @@ def send() -> Any:
         abort(409, description="Wait for the current reply to finish (or stop it) before "
                                "sending another message.")
     if not is_htmx():
-        return redirect(url_for("chat.conversation", cid=cid), code=303)
+        return _page_without_javascript(owner, cid, reply)
     conv = store.get_conversation(db, owner, cid)
     html = render_template(
         "_turn.html", conversation=conv, messages=[user, reply], new=new,
@@ -489,6 +492,57 @@ def send() -> Any:
     if new:
         response.headers["HX-Push-Url"] = url_for("chat.conversation", cid=cid)
     return response
+
+
+def _page_without_javascript(owner: str, cid: str, reply: sqlite3.Row) -> Response:
+    """Answer a plain form POST with the page, the reply streaming into it as HTML.
+
+    Without JavaScript there is no SSE: the response itself stays open and
+    finished blocks of the reply are sent as they are written (chunked HTML).
+    """
+    conv = store.get_conversation(get_db(), owner, cid)
+    assert conv is not None
+    if reply["status"] == "pending":
+        runner().claim_and_start(reply, _settings(conv), _history(conv, reply))
+    mid = reply["id"]
+    database = current_app.config["DATABASE"]
+
+    def load() -> sqlite3.Row | None:
+        db = store.connect(database)
+        try:
+            return store.get_message(db, owner, cid, mid)
+        finally:
+            db.close()
+
+    def live() -> Iterator[Markup]:
+        renderer = StreamRenderer()
+        for update in runner().tail(mid, load):
+            if update.message is not None:
+                blocks, tail = renderer.feed(update.message["content"])
+                yield Markup("".join(blocks) + tail)
+                return
+            run = runner().runs.get(mid)
+            row = None if run is not None else load()
+            content = run.content if run is not None else (row["content"] if row else "")
+            blocks, _tail = renderer.feed(content)
+            if blocks:
+                yield Markup("".join(blocks))
+
+    models = backend().models()
+    context = {
+        "conversation": conv, "messages": store.list_messages(get_db(), cid, limit=PAGE_MESSAGES),
+        "more_before": None, "csrf": csrf_token(), "request_key": store.new_id(),
+        "backend_name": backend().name, "models": models,
+        "model": conv["model"] if conv["model"] in models else models[0],
+        "max_chars": current_app.config["MAX_MESSAGE_CHARS"], "editing": None,
+        "live_id": mid, "live": live(), "load_live": load, **_sidebar(),
+    }
+    _close_db()  # the page may stream for minutes: hold no connection meanwhile
+    return Response(stream_template("chat.html", **context), mimetype="text/html")
+
+
+def _settings(conv: sqlite3.Row) -> Settings:
+    return Settings(model=conv["model"] or backend().models()[0], temperature=conv["temperature"])
 
 
 class TooManyRequests(HTTPException):
@@ -572,9 +626,7 @@ def stream(cid: str, mid: str) -> Response:
     if reply["status"] == "pending":
         conv = store.get_conversation(get_db(), owner, cid)
         assert conv is not None
-        settings = Settings(model=conv["model"] or backend().models()[0],
-                            temperature=conv["temperature"])
-        runner().claim_and_start(reply, settings, _history(conv, reply))
+        runner().claim_and_start(reply, _settings(conv), _history(conv, reply))
     _close_db()  # the stream may last minutes: hold no connection meanwhile
     database = current_app.config["DATABASE"]
 

@@ -1,0 +1,487 @@
+"""Benchmark one worker of webchat against three peers, streaming the same replies.
+
+    python bench/run.py            # the full run (about 15-20 minutes on 2 cores)
+    python bench/run.py --quick    # a 2-3 minute smoke run: small N, no search, no profile
+
+Each configuration (server, streams N, rate R) gets a fresh server process pinned
+to core 0 (``taskset -c 0``) and a fresh load generator pinned to core 1
+(``bench/loadgen.py``). Servers, one worker/process each:
+
+- ``webchat``: the full path (session, CSRF, POST /chat, then the stream) with
+  the demo backend at R tokens/s; gunicorn with webchat's own config.
+- ``flask_min``: ``bench/peers/flask_min.py``, the floor of the same stack.
+- ``fastapi_sse``: ``bench/peers/fastapi_sse.py`` on uvicorn (uvloop, httptools).
+- ``node_http``: ``bench/peers/node_http.js``.
+
+Then, unless switched off: a search for each server's sustainable streams at
+R=20 (bisection between the grid's last pass and first fail), the fast-model
+case (100 replies back to back at 1,000 tokens/s), idle tabs (connections and
+memory), and a py-spy profile of webchat's worker under load. Everything lands
+in ``bench/results/<stamp>.json``; ``bench/report.py`` turns it into
+``docs/benchmarks.md``'s tables and the plots (a full run calls it).
+
+Only 127.0.0.1 is used; every load is bounded in streams and seconds; the
+harness stops only the processes it started, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(BENCH))
+
+from loadgen import process_tree, raise_nofile  # noqa: E402
+
+SERVERS = ("webchat", "flask_min", "fastapi_sse", "node_http")
+DEMO_MESSAGE = " ".join(["w"] * 100)  # the longest quote the demo takes: a 190-token reply
+# Goals of the issue, for "sustainable": every stream completes, lag p99 and
+# first event p99 within these bounds (ms).
+LAG_P99_MS = 50.0
+FIRST_EVENT_P99_MS = 300.0
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin(core: int | None) -> list[str]:
+    return ["taskset", "-c", str(core)] if core is not None else []
+
+
+# Servers ---------------------------------------------------------------------
+
+class Server:
+    """One server process tree started by the harness (and stopped by it, by PID)."""
+
+    def __init__(self, name: str, rate: float, workdir: Path, core: int | None) -> None:
+        self.name = name
+        self.port = free_port()
+        self.log_path = workdir / f"{name}-{self.port}.log"
+        env = dict(os.environ)
+        if name == "webchat":
+            env.update({
+                "SECRET_KEY": secrets.token_urlsafe(32),
+                "DATABASE_URL": f"sqlite:///{workdir / f'webchat-{self.port}.sqlite3'}",
+                "WEBCHAT_BACKEND": "demo",
+                "WEBCHAT_DEMO_TOKENS_PER_SECOND": f"{rate:g}",
+                # All the load comes from one address and few sessions: lift the
+                # per-address and per-session message limits (not what is measured).
+                "WEBCHAT_ADDRESS_MESSAGES_PER_MINUTE": "1000000000",
+                "WEBCHAT_ADDRESS_REPLIES_IN_FLIGHT": "1000000000",
+                "WEBCHAT_MESSAGES_PER_MINUTE": "1000000000",
+                "WEBCHAT_REPLIES_IN_FLIGHT": "1000000000",
+            })
+            argv = [sys.executable, "-m", "gunicorn", "-c", "python:webchat.gunicorn_conf",
+                    "--workers", "1", "--bind", f"127.0.0.1:{self.port}", "webchat:create_app()"]
+        elif name == "flask_min":
+            argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "4000",
+                    "--workers", "1", "--chdir", str(BENCH / "peers"),
+                    "--bind", f"127.0.0.1:{self.port}", "flask_min:app"]
+        elif name == "fastapi_sse":
+            argv = [sys.executable, "-m", "uvicorn", "fastapi_sse:app", "--app-dir",
+                    str(BENCH / "peers"), "--host", "127.0.0.1", "--port", str(self.port),
+                    "--workers", "1", "--loop", "uvloop", "--http", "httptools",
+                    "--backlog", "4096"]
+        elif name == "node_http":
+            argv = ["node", str(BENCH / "peers" / "node_http.js"), str(self.port)]
+        else:
+            raise ValueError(name)
+        self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(pin(core) + argv, cwd=ROOT, env=env,
+                                        stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.pids: list[int] = [self.process.pid]
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz",
+                                            timeout=2) as response:
+                    if response.status == 200:
+                        self.pids = process_tree(self.process.pid)
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout} s; see {self.log_path}")
+
+    def worker_pid(self) -> int:
+        """Return the process that serves requests (gunicorn's worker, else the process)."""
+        tree = process_tree(self.process.pid)
+        return tree[1] if len(tree) > 1 else tree[0]
+
+    def stop(self) -> dict[str, Any]:
+        tree = process_tree(self.process.pid) if self.process.poll() is None else []
+        known = sorted(set(tree) | set(self.pids))
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in known:  # only what this harness started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log_file.close()
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        return {"worker_timeouts": text.count("WORKER TIMEOUT"),
+                "tracebacks": text.count("Traceback"),
+                "error_lines": sum(1 for line in text.splitlines()
+                                   if re.search(r"\b(ERROR|CRITICAL)\b", line))}
+
+
+def loadgen(server: Server, args: list[str], core: int | None, timeout: float,
+            phase_file: Path | None = None) -> dict[str, Any]:
+    """Run bench/loadgen.py against ``server``; return its JSON result."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
+        out_path = Path(out.name)
+    argv = pin(core) + [sys.executable, str(BENCH / "loadgen.py"), "--port", str(server.port),
+                        "--pid", str(server.process.pid), "--out", str(out_path), *args]
+    if phase_file is not None:
+        argv += ["--phase-file", str(phase_file)]
+    process = subprocess.Popen(argv)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"the load generator ran past {timeout:.0f} s") from None
+    if process.returncode != 0:
+        raise RuntimeError(f"the load generator failed ({process.returncode})")
+    result: dict[str, Any] = json.loads(out_path.read_text(encoding="utf-8"))
+    out_path.unlink()
+    return result
+
+
+# One measurement ---------------------------------------------------------------
+
+def load_args(name: str, streams: int, rate: float, tokens: int, *, repeat: int = 1,
+              coalesce_ms: float = 0.0) -> tuple[list[str], float]:
+    """Return the load generator's arguments and the nominal seconds of one reply."""
+    if name == "webchat":
+        seconds = 190 / rate  # the demo's reply to DEMO_MESSAGE; the real count is measured
+        args = ["--target", "webchat", "--message", DEMO_MESSAGE,
+                "--expect-seconds", f"{seconds:g}", "--setup-concurrency", "16"]
+    else:
+        seconds = tokens / rate
+        args = ["--target", "peer", "--tokens", str(tokens), "--coalesce-ms", f"{coalesce_ms:g}"]
+    ramp = 0.5 * seconds if repeat == 1 else 0.5
+    args += ["--streams", str(streams), "--rate", f"{rate:g}", "--repeat", str(repeat),
+             "--ramp", f"{ramp:g}", "--grace", "20"]
+    return args, seconds
+
+
+def measure(name: str, streams: int, rate: float, opts: argparse.Namespace, workdir: Path, *,
+            repeat: int = 1, coalesce_ms: float = 0.0, profile: bool = False) -> dict[str, Any]:
+    """Start a fresh server, warm it up, load it, stop it; return the load's result."""
+    started = time.monotonic()
+    try:
+        return _measure(name, streams, rate, opts, workdir, repeat=repeat,
+                        coalesce_ms=coalesce_ms, profile=profile, started=started)
+    except RuntimeError as exc:  # one broken configuration does not end the run
+        log(f"{name} N={streams} R={rate:g}: {exc}")
+        return {"server": name, "streams": streams * repeat, "completed": 0,
+                "config": {"rate": rate, "streams": streams, "repeat": repeat},
+                "error": str(exc), "measure_seconds": round(time.monotonic() - started, 1)}
+
+
+def _measure(name: str, streams: int, rate: float, opts: argparse.Namespace, workdir: Path, *,
+             repeat: int, coalesce_ms: float, profile: bool, started: float) -> dict[str, Any]:
+    server = Server(name, rate, workdir, opts.server_core)
+    try:
+        server.wait_ready()
+        # Warm-up: imports, templates, JIT, first allocations; not measured.
+        if name == "webchat":
+            warm, seconds = load_args(name, 4, rate, opts.tokens)
+            warm[warm.index("--ramp") + 1] = "0"
+        else:
+            warm, seconds = load_args(name, 50, 1000, 200)
+            warm[warm.index("--ramp") + 1] = "0.1"
+        loadgen(server, warm, opts.client_core, timeout=seconds + 60)
+        args, seconds = load_args(name, streams, rate, opts.tokens, repeat=repeat,
+                                  coalesce_ms=coalesce_ms)
+        setup_allowance = streams * repeat * 0.05 if name == "webchat" else 0
+        budget = setup_allowance + seconds * repeat + 0.5 * seconds + 90
+        phase = workdir / f"phase-{server.port}" if profile else None
+        profiler: list[subprocess.Popen[bytes]] = []
+        if profile and phase is not None:
+            import threading
+
+            def attach() -> None:
+                while not phase.exists() and server.process.poll() is None:
+                    time.sleep(0.05)
+                time.sleep(opts.profile_delay)
+                worker = server.worker_pid()
+                # CPU time as a flame graph and as collapsed stacks, and wall time
+                # (--idle: also where the worker waits, e.g. on SQLite's fsync).
+                for fmt, path, idle in (("flamegraph", opts.profile_svg, False),
+                                        ("raw", opts.profile_raw, False),
+                                        ("raw", opts.profile_wall, True)):
+                    profiler.append(subprocess.Popen(
+                        pin(opts.client_core) + ["py-spy", "record", "-p", str(worker), "-o",
+                                                 str(path), "-f", fmt, "-d",
+                                                 str(opts.profile_seconds), "-r", "100",
+                                                 "--nonblocking"] + (["--idle"] if idle else []),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+            threading.Thread(target=attach, daemon=True).start()
+        result = loadgen(server, args, opts.client_core, timeout=budget, phase_file=phase)
+        for p in profiler:
+            try:
+                p.wait(timeout=opts.profile_seconds + 30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    finally:
+        result_log = server.stop()
+    result["server"] = name
+    result["server_log"] = result_log
+    result["measure_seconds"] = round(time.monotonic() - started, 1)
+    if not opts.keep_samples:
+        result.pop("samples", None)
+    return result
+
+
+def sustainable(result: dict[str, Any]) -> bool:
+    """Tell whether a run met the capacity criteria (all complete, lag and first event)."""
+    lag = result.get("lag_ms", {}).get("p99")
+    first = result.get("first_event_ms", {}).get("p99")
+    return (result.get("completed") == result.get("streams") and lag is not None
+            and lag <= LAG_P99_MS and first is not None and first <= FIRST_EVENT_P99_MS)
+
+
+def brief(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"{r['server']:<11} N={r['streams']:<5} R={r['config']['rate']:<6g} {r['error']}"
+    lag, first, gap = r.get("lag_ms", {}), r.get("first_event_ms", {}), r.get("gap_ms", {})
+    return (f"{r['server']:<11} N={r['streams']:<5} R={r['config']['rate']:<6g} "
+            f"done {r['completed']}/{r['streams']}  first p99 {first.get('p99')} ms  "
+            f"gap p99 {gap.get('p99')} ms  lag p50/p99 {lag.get('p50')}/{lag.get('p99')} ms  "
+            f"cpu/1k {r.get('server_cpu_s_per_1k_tokens')} s  srv {r.get('server_cpu_pct')}%  "
+            f"cli {r.get('client_cpu_pct')}%  rss/stream {r.get('rss_per_open_stream_kb')} KB  "
+            f"[{r['measure_seconds']} s]")
+
+
+# Environment ------------------------------------------------------------------------
+
+def environment() -> dict[str, Any]:
+    cpu = ""
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("flask", "werkzeug", "jinja2", "gunicorn", "gevent", "greenlet", "fastapi",
+                    "starlette", "sse-starlette", "uvicorn", "uvloop", "httptools",
+                    "markdown-it-py", "nh3", "numpy", "matplotlib", "py-spy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        versions["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True,
+                                          check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        versions["node"] = None
+    with open("/proc/meminfo", encoding="utf-8") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "nproc": os.cpu_count(), "cpu_model": cpu, "memory_gb": round(mem_kb / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "versions": versions, "webchat_commit": commit()}
+
+
+def commit() -> str | None:
+    """Read the checked-out commit from .git's files (no git command)."""
+    head = ROOT / ".git" / "HEAD"
+    try:
+        ref = head.read_text(encoding="utf-8").strip()
+        if not ref.startswith("ref: "):
+            return ref
+        name = ref[5:]
+        path = ROOT / ".git" / name
+        if path.exists():
+            return path.read_text(encoding="utf-8").strip()
+        for line in (ROOT / ".git" / "packed-refs").read_text(encoding="utf-8").splitlines():
+            if line.endswith(" " + name):
+                return line.split()[0]
+    except OSError:
+        return None
+    return None
+
+
+# The run ------------------------------------------------------------------------------
+
+def search(name: str, grid: list[dict[str, Any]], rate: float, steps: int,
+           opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Bisect between the grid's largest passing N and smallest failing N at ``rate``."""
+    runs = sorted((r for r in grid if r["server"] == name and r["config"]["rate"] == rate),
+                  key=lambda r: r["streams"])
+    tried = {r["streams"]: sustainable(r) for r in runs}
+    lo = max((n for n, ok in tried.items() if ok), default=0)
+    hi = min((n for n, ok in tried.items() if not ok and n > lo), default=None)
+    extra = []
+    if hi is not None:
+        for _ in range(steps):
+            if hi - lo <= max(25, lo // 10):
+                break
+            mid = (lo + hi) // 2
+            mid = max(25, round(mid / 25) * 25) if mid > 50 else max(10, mid)
+            if mid in tried or mid <= lo or mid >= hi:
+                break
+            result = measure(name, mid, rate, opts, workdir)
+            log(brief(result) + ("  sustainable" if sustainable(result) else "  NOT sustainable"))
+            extra.append(result)
+            tried[mid] = sustainable(result)
+            if tried[mid]:
+                lo = mid
+            else:
+                hi = mid
+    return {"server": name, "rate": rate, "sustainable_streams": lo, "first_failing": hi,
+            "capped_by_grid": hi is None, "tried": dict(sorted(tried.items())), "runs": extra}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small N, R=100 only, no search and no profile (2-3 minutes)")
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--streams", default="100,1000,3000", help="N values of the grid")
+    parser.add_argument("--rates", default="20,100", help="R values of the grid (tokens/s)")
+    parser.add_argument("--tokens", type=int, default=200, help="T: tokens per reply (peers)")
+    parser.add_argument("--search-steps", type=int, default=3,
+                        help="bisection steps per server for sustainable streams (0: none)")
+    parser.add_argument("--fast-repeat", type=int, default=10,
+                        help="replies each of the 100 fast-model users streams back to back")
+    parser.add_argument("--no-fast", action="store_true")
+    parser.add_argument("--no-idle", action="store_true")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile-streams", type=int, default=1000)
+    parser.add_argument("--profile-seconds", type=int, default=8)
+    parser.add_argument("--profile-delay", type=float, default=3.0)
+    parser.add_argument("--keep-samples", action="store_true",
+                        help="keep the 4 Hz server samples in the JSON")
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not rewrite docs/benchmarks.md and its plots")
+    parser.add_argument("--out", default="", help="the JSON file (default bench/results/<stamp>)")
+    opts = parser.parse_args()
+    if opts.quick:
+        opts.streams, opts.rates = "50,200", "100"
+        opts.search_steps, opts.fast_repeat, opts.no_profile = 0, 3, True
+        opts.no_report = True
+    return opts
+
+
+def main() -> None:
+    opts = parse_args()
+    limit = raise_nofile()
+    two_cores = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    opts.server_core, opts.client_core = (0, 1) if two_cores else (None, None)
+    if two_cores:
+        os.sched_setaffinity(0, {1})  # the harness itself stays off the server's core
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(opts.out) if opts.out else RESULTS / (("quick-" if opts.quick else "") + stamp
+                                                     + ".json")
+    opts.profile_svg = RESULTS / f"profile-webchat-{stamp}.svg"
+    opts.profile_raw = RESULTS / f"profile-webchat-{stamp}.txt"
+    opts.profile_wall = RESULTS / f"profile-webchat-wall-{stamp}.txt"
+    servers = [s for s in opts.servers.split(",") if s]
+    streams = [int(n) for n in opts.streams.split(",")]
+    rates = [float(r) for r in opts.rates.split(",")]
+    doc: dict[str, Any] = {"environment": environment(), "nofile": limit,
+                           "pinned": two_cores, "quick": opts.quick,
+                           "criteria": {"lag_p99_ms": LAG_P99_MS,
+                                        "first_event_p99_ms": FIRST_EVENT_P99_MS},
+                           "grid": [], "capacity": [], "fast": [], "idle": None,
+                           "profile": None}
+    started = time.monotonic()
+
+    def save() -> None:
+        doc["total_seconds"] = round(time.monotonic() - started, 1)
+        out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        shutil.copyfile(out, RESULTS / ("quick.json" if opts.quick else "latest.json"))
+
+    log(f"{len(servers)} servers x N {streams} x R {rates}; results -> {out}")
+    with tempfile.TemporaryDirectory(prefix="webchat-bench-") as tmp:
+        workdir = Path(tmp)
+        for rate in rates:
+            for n in streams:
+                for name in servers:
+                    result = measure(name, n, rate, opts, workdir)
+                    doc["grid"].append(result)
+                    log(brief(result))
+                    save()
+        if opts.search_steps and 20.0 in rates:
+            for name in servers:
+                doc["capacity"].append(search(name, doc["grid"], 20.0, opts.search_steps, opts,
+                                              workdir))
+                save()
+        if not opts.no_fast:
+            for name, coalesce in (("webchat", 0.0), ("flask_min", 40.0)):
+                if name in servers:
+                    result = measure(name, 100, 1000.0, opts, workdir, repeat=opts.fast_repeat,
+                                     coalesce_ms=coalesce)
+                    doc["fast"].append(result)
+                    log(brief(result))
+                    save()
+        if not opts.no_idle and "webchat" in servers:
+            server = Server("webchat", 20.0, workdir, opts.server_core)
+            try:
+                server.wait_ready()
+                tabs = 50 if opts.quick else 500
+                doc["idle"] = loadgen(server, ["--target", "idle", "--streams", str(tabs),
+                                               "--settle", "6"], opts.client_core, timeout=120)
+            finally:
+                server.stop()
+            log(f"idle tabs: {doc['idle']}")
+            save()
+        if not opts.no_profile and "webchat" in servers:
+            result = measure("webchat", opts.profile_streams, 20.0, opts, workdir, profile=True)
+            doc["profile"] = {"run": result, "svg": str(opts.profile_svg.relative_to(ROOT)),
+                              "raw": str(opts.profile_raw.relative_to(ROOT)),
+                              "wall": str(opts.profile_wall.relative_to(ROOT))}
+            log("profiled: " + brief(result))
+            save()
+    save()
+    log(f"done in {doc['total_seconds']:.0f} s: {out}")
+    if not opts.no_report:
+        subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)], check=True)
+
+
+if __name__ == "__main__":
+    main()
