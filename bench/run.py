@@ -79,7 +79,8 @@ def pin(core: int | None) -> list[str]:
 class Server:
     """One server process tree started by the harness (and stopped by it, by PID)."""
 
-    def __init__(self, name: str, rate: float, workdir: Path, core: int | None) -> None:
+    def __init__(self, name: str, rate: float, workdir: Path, core: int | None,
+                 db_dir: str = "") -> None:
         self.name = name
         self.port = free_port()
         self.log_path = workdir / f"{name}-{self.port}.log"
@@ -87,7 +88,7 @@ class Server:
         if name == "webchat":
             env.update({
                 "SECRET_KEY": secrets.token_urlsafe(32),
-                "DATABASE_URL": f"sqlite:///{workdir / f'webchat-{self.port}.sqlite3'}",
+                "DATABASE_URL": f"sqlite:///{db_dir or workdir}/webchat-{self.port}.sqlite3",
                 "WEBCHAT_BACKEND": "demo",
                 "WEBCHAT_DEMO_TOKENS_PER_SECOND": f"{rate:g}",
                 # All the load comes from one address and few sessions: lift the
@@ -220,7 +221,7 @@ def measure(name: str, streams: int, rate: float, opts: argparse.Namespace, work
 
 def _measure(name: str, streams: int, rate: float, opts: argparse.Namespace, workdir: Path, *,
              repeat: int, coalesce_ms: float, profile: bool, started: float) -> dict[str, Any]:
-    server = Server(name, rate, workdir, opts.server_core)
+    server = Server(name, rate, workdir, opts.server_core, opts.db_dir)
     try:
         server.wait_ready()
         # Warm-up: imports, templates, JIT, first allocations; not measured.
@@ -393,6 +394,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-streams", type=int, default=1000)
     parser.add_argument("--profile-seconds", type=int, default=8)
     parser.add_argument("--profile-delay", type=float, default=3.0)
+    parser.add_argument("--db-dir", default="",
+                        help="where webchat's SQLite files go (default: a temporary folder "
+                             "under /tmp; /dev/shm takes the disk out)")
     parser.add_argument("--keep-samples", action="store_true",
                         help="keep the 4 Hz server samples in the JSON")
     parser.add_argument("--no-report", action="store_true",
@@ -434,7 +438,8 @@ def main() -> None:
     def save() -> None:
         doc["total_seconds"] = round(time.monotonic() - started, 1)
         out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        shutil.copyfile(out, RESULTS / ("quick.json" if opts.quick else "latest.json"))
+        if not opts.out:
+            shutil.copyfile(out, RESULTS / ("quick.json" if opts.quick else "latest.json"))
 
     log(f"{len(servers)} servers x N {streams} x R {rates}; results -> {out}")
     with tempfile.TemporaryDirectory(prefix="webchat-bench-") as tmp:
@@ -460,7 +465,7 @@ def main() -> None:
                     log(brief(result))
                     save()
         if not opts.no_idle and "webchat" in servers:
-            server = Server("webchat", 20.0, workdir, opts.server_core)
+            server = Server("webchat", 20.0, workdir, opts.server_core, opts.db_dir)
             try:
                 server.wait_ready()
                 tabs = 50 if opts.quick else 500

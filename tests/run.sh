@@ -25,5 +25,10 @@ fi
 python3 -m pip install --quiet --upgrade pip
 python3 -m pip install --quiet -e '.[test]'
 
+# axe-core, injected into pages by the accessibility tests.
+if [ ! -f tests/node_modules/axe-core/axe.min.js ]; then
+  (cd tests && npm install --no-audit --no-fund --silent)
+fi
+
 # Two cores: two test processes; each starts one browser and its own servers.
 exec python3 -m pytest -n 2 --dist loadfile "$@"

@@ -171,7 +171,7 @@ def test_dark_mode_toggle_persists_and_phone_layout(server: Server, browser: Any
         page.goto(server.url + "/")
         send(page, "Show me **markdown** and code, 请")
         screenshot(page, "desktop-light")
-        page.get_by_role("button", name="Switch between light and dark colours").click()
+        page.get_by_role("button", name="Light / dark").click()
         assert page.locator("html").get_attribute("data-theme") == "dark"
         page.reload()
         assert page.locator("html").get_attribute("data-theme") == "dark"

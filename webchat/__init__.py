@@ -60,7 +60,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from . import views
     views.init_app(app)
-    from . import embed, identity, ops
+    from . import embed, i18n, identity, ops
+    i18n.init_app(app)  # Flask-Babel: the templates' _() and ngettext(), numbers, times
     identity.init_app(app)
     embed.init_app(app)
     ops.init_app(app)

@@ -31,6 +31,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
+from flask_babel import format_decimal, gettext
 from markupsafe import Markup, escape
 from werkzeug.exceptions import HTTPException
 
@@ -53,8 +54,6 @@ def init_app(app: Flask) -> None:
     app.teardown_appcontext(_close_db)
     app.after_request(_security_headers)
     app.register_error_handler(HTTPException, _http_error)
-    app.jinja_env.add_extension("jinja2.ext.i18n")
-    app.jinja_env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
     app.jinja_env.globals.update(render_markdown=render_markdown, render_text=render_text,
                                  csrf_token=csrf_token)
     app.context_processor(_page_context)
@@ -126,14 +125,14 @@ def check_csrf() -> None:
     if origin and origin != "null":
         parts = urlsplit(origin)
         if parts.netloc != request.host or parts.scheme != request.scheme:
-            abort(403, description="This request came from another site and was refused.")
+            abort(403, description=gettext("This request came from another site and was refused."))
     elif origin == "null":
-        abort(403, description="This request came from an opaque origin and was refused.")
+        abort(403, description=gettext("This request came from an opaque origin and was refused."))
     sent = request.headers.get(CSRF_HEADER) or request.form.get("csrf_token", "")
     expected = session.get("csrf")
     if not isinstance(expected, str) or not hmac.compare_digest(sent, expected):
-        abort(403, description="Your session expired or the form is stale. Reload the page "
-                               "and try again.")
+        abort(403, description=gettext("Your session expired or the form is stale. Reload the page "
+                                       "and try again."))
 
 
 def valid_id(value: str) -> str:
@@ -237,7 +236,7 @@ def _owned_conversation(cid: str) -> sqlite3.Row:
     owner = current_owner()
     conv = store.get_conversation(get_db(), owner, valid_id(cid)) if owner else None
     if conv is None:
-        abort(404, description="This conversation does not exist, or it is not yours.")
+        abort(404, description=gettext("This conversation does not exist, or it is not yours."))
     return conv
 
 
@@ -257,9 +256,9 @@ def older_messages(cid: str) -> Any:
     try:
         before = int(request.args.get("before", ""))
     except ValueError:
-        abort(400, description="`before` must be a message position.")
+        abort(400, description=gettext("`before` must be a message position."))
     if before < 0 or before > 2**40:
-        abort(400, description="`before` must be a message position.")
+        abort(400, description=gettext("`before` must be a message position."))
     messages = store.list_messages(get_db(), cid, limit=PAGE_MESSAGES, before=before)
     if not is_htmx():
         return _page(conv, messages)
@@ -275,7 +274,7 @@ def rename(cid: str) -> Any:
     conv = _owned_conversation(cid)
     title = " ".join(_form_text("title").split())[:200]
     if not title:
-        abort(400, description="A title cannot be empty.")
+        abort(400, description=gettext("A title cannot be empty."))
     store.rename_conversation(get_db(), current_owner() or "", conv["id"], title)
     if not is_htmx():
         return redirect(url_for("chat.conversation", cid=cid), code=303)
@@ -291,19 +290,19 @@ def settings(cid: str) -> Any:
     models = backend().models()
     model = request.form.get("model") or conv["model"] or models[0]
     if model not in models:
-        abort(400, description="That model is not offered here.")
+        abort(400, description=gettext("That model is not offered here."))
     raw_temperature = request.form.get("temperature", "").strip()
     temperature: float | None = None
     if raw_temperature:
         try:
             temperature = float(raw_temperature)
         except ValueError:
-            abort(400, description="The temperature must be a number between 0 and 2.")
+            abort(400, description=gettext("The temperature must be a number between 0 and 2."))
         if not 0 <= temperature <= 2:
-            abort(400, description="The temperature must be a number between 0 and 2.")
+            abort(400, description=gettext("The temperature must be a number between 0 and 2."))
     system_prompt = _form_text("system_prompt").strip()
     if len(system_prompt) > current_app.config["MAX_MESSAGE_CHARS"]:
-        abort(413, description="The system prompt is too long.")
+        abort(413, description=gettext("The system prompt is too long."))
     store.update_settings(get_db(), current_owner() or "", conv["id"], model=model,
                           system_prompt=system_prompt, temperature=temperature)
     if not is_htmx():
@@ -321,8 +320,8 @@ def edit(cid: str, mid: str) -> Any:
     try:
         store.edit_turn(get_db(), cid, valid_id(mid), text, model=model)
     except ValueError:
-        abort(409, description="This message cannot be edited now: wait for the reply to "
-                               "finish, or stop it.")
+        abort(409, description=gettext("This message cannot be edited now: wait for the reply to "
+                                       "finish, or stop it."))
     if not is_htmx():
         return redirect(url_for("chat.conversation", cid=cid), code=303)
     messages = store.list_messages(get_db(), cid, limit=PAGE_MESSAGES)
@@ -423,22 +422,23 @@ def _form_text(name: str) -> str:
     """Return a form field as text, refusing NUL characters and lone surrogates."""
     value = request.form.get(name, "")
     if "\x00" in value:
-        abort(400, description="The text contains a NUL character, which is not allowed.")
+        abort(400, description=gettext("The text contains a NUL character, which is not allowed."))
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        abort(400, description="The text is not valid Unicode.")
+        abort(400, description=gettext("The text is not valid Unicode."))
     return value
 
 
 def _message_text() -> str:
     text = _form_text("text").replace("\r\n", "\n").strip()
     if not text:
-        abort(400, description="Type a message first.")
+        abort(400, description=gettext("Type a message first."))
     limit = current_app.config["MAX_MESSAGE_CHARS"]
     if len(text) > limit:
-        abort(413, description=f"The message is too long: {len(text):,} characters, "
-                               f"the limit is {limit:,}.")
+        abort(413, description=gettext(
+            "The message is too long: %(length)s characters, the limit is %(limit)s.",
+            length=format_decimal(len(text)), limit=format_decimal(limit)))
     return text
 
 
@@ -449,7 +449,7 @@ def send() -> Any:
     text = _message_text()
     request_key = request.form.get("request_key") or None
     if request_key is not None and not _ID.match(request_key):
-        abort(400, description="The form is malformed. Reload the page and try again.")
+        abort(400, description=gettext("The form is malformed. Reload the page and try again."))
     owner = current_owner(create=True)
     assert owner is not None
     db = get_db()
@@ -458,12 +458,12 @@ def send() -> Any:
     models = backend().models()
     model = request.form.get("model") or models[0]
     if model not in models:
-        abort(400, description="That model is not offered here.")
+        abort(400, description=gettext("That model is not offered here."))
     cid = request.form.get("conversation", "")
     if cid:
         conv = store.get_conversation(db, owner, valid_id(cid))
         if conv is None:
-            abort(404, description="This conversation does not exist, or it is not yours.")
+            abort(404, description=gettext("This conversation does not exist, or it is not yours."))
         if "model" in request.form and model != conv["model"]:
             store.update_settings(db, owner, cid, model=model, system_prompt=conv["system_prompt"],
                                   temperature=conv["temperature"])
@@ -479,8 +479,8 @@ def send() -> Any:
     except store.LimitError as exc:
         abort(409, description=str(exc))
     except ValueError:
-        abort(409, description="Wait for the current reply to finish (or stop it) before "
-                               "sending another message.")
+        abort(409, description=gettext("Wait for the current reply to finish (or stop it) before "
+                                       "sending another message."))
     if not is_htmx():
         return _page_without_javascript(owner, cid, reply)
     conv = store.get_conversation(db, owner, cid)
@@ -569,11 +569,11 @@ def _check_rate(db: sqlite3.Connection, owner: str, address: str) -> None:
         sent, oldest, in_flight = store.recent_activity(db, column, value)
         if sent >= per_minute:
             wait = max(1, int(60 - (time.time() - (oldest or time.time()))) + 1)
-            raise TooManyRequests(f"You are sending messages too fast. Try again in {wait} s.",
-                                  wait)
+            raise TooManyRequests(gettext("You are sending messages too fast. Try again in "
+                                          "%(seconds)s s.", seconds=wait), wait)
         if in_flight >= in_flight_limit:
-            raise TooManyRequests("Too many replies are being written at once. Wait for one to "
-                                  "finish, or stop it.", 5)
+            raise TooManyRequests(gettext("Too many replies are being written at once. Wait "
+                                          "for one to finish, or stop it."), 5)
 
 
 @bp.post("/c/<cid>/delete")
@@ -582,7 +582,7 @@ def delete(cid: str) -> Any:
     check_csrf()
     owner = current_owner()
     if not owner or not store.delete_conversation(get_db(), owner, valid_id(cid)):
-        abort(404, description="This conversation does not exist, or it is not yours.")
+        abort(404, description=gettext("This conversation does not exist, or it is not yours."))
     if is_htmx():
         response = Response("")
         response.headers["HX-Redirect"] = url_for("chat.index")
@@ -596,7 +596,7 @@ def _owned_reply(cid: str, mid: str) -> tuple[str, sqlite3.Row]:
     owner = current_owner()
     row = store.get_message(get_db(), owner, valid_id(cid), valid_id(mid)) if owner else None
     if row is None or row["role"] != "assistant":
-        abort(404, description="This reply does not exist, or it is not yours.")
+        abort(404, description=gettext("This reply does not exist, or it is not yours."))
     return owner or "", row
 
 
@@ -622,7 +622,7 @@ def stream(cid: str, mid: str) -> Response:
     owner, reply = _owned_reply(cid, mid)
     last_event_id = request.headers.get("Last-Event-ID")
     if last_event_id is not None and not _EVENT_ID.match(last_event_id):
-        abort(400, description="Last-Event-ID must be a small non-negative integer.")
+        abort(400, description=gettext("Last-Event-ID must be a small non-negative integer."))
     if reply["status"] == "pending":
         conv = store.get_conversation(get_db(), owner, cid)
         assert conv is not None
@@ -640,7 +640,8 @@ def stream(cid: str, mid: str) -> Response:
     message_macro = get_template_attribute("_partials.html", "message")
     snapshot_macro = get_template_attribute("_partials.html", "reply_body")
     delta_macro = get_template_attribute("_partials.html", "reply_delta")
-    status_text = {"queued": "Queued: waiting for the model…", "generating": "Generating…"}
+    status_text = {"queued": gettext("Queued: waiting for the model…"),
+                   "generating": gettext("Generating…")}
 
     def events() -> Iterator[bytes]:
         yield sse.encode_retry(2000)
@@ -677,8 +678,8 @@ def stream(cid: str, mid: str) -> Response:
 
 def _error_bubble(mid: str) -> Markup:
     return Markup('<article class="msg assistant" id="m-{}" data-status="error">'
-                  '<div class="bubble"><p class="error" role="alert">The stream failed. Reload the '
-                  "page to see the reply.</p></div></article>").format(mid)
+                  '<div class="bubble"><p class="error" role="alert">{}</p></div></article>'
+                  ).format(mid, gettext("The stream failed. Reload the page to see the reply."))
 
 
 @bp.post("/c/<cid>/m/<mid>/regenerate")
@@ -697,7 +698,8 @@ def _restart(cid: str, mid: str, *, keep_text: bool) -> Any:
     check_csrf()
     _owner, _reply = _owned_reply(cid, mid)
     if not store.restart_reply(get_db(), cid, mid, keep_text=keep_text):
-        abort(409, description="Only the last reply can be written again, once it has finished.")
+        abort(409, description=gettext("Only the last reply can be written again, once it has "
+                                       "finished."))
     if not is_htmx():
         return redirect(url_for("chat.conversation", cid=cid), code=303)
     row = store.message_by_id(get_db(), mid)

@@ -1,0 +1,172 @@
+"""Languages: English and Simplified Chinese, from the reader's switch or Accept-Language.
+
+Flask-Babel translates the templates' ``_()`` / ``ngettext()``, the views' messages and
+the stream's status texts, and formats numbers and times for the reader. The catalogs
+live in ``translations/``; the compiled ``.mo`` files are committed beside the ``.po``
+files (nothing builds them on deploy): after editing a ``.po`` run
+``pybabel compile -d translations``, and after changing interface text
+``pybabel extract -F babel.cfg -o messages.pot . && pybabel update -i messages.pot
+-d translations`` first. ``tests/test_i18n.py`` checks both were done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+from flask import Blueprint, Flask, Response, redirect, request
+from flask_babel import (
+    Babel,
+    format_datetime,
+    format_decimal,
+    format_time,
+    get_locale,
+    get_timezone,
+    get_translations,
+    lazy_gettext,
+)
+from markupsafe import Markup
+
+from . import ROOT, views
+
+bp = Blueprint("i18n", __name__)
+
+LANG_COOKIE = "lang"
+# Babel's name of each catalog -> its BCP 47 tag (for <html lang>) and its own name.
+LANGUAGES = {"en": ("en", "English"), "zh_Hans": ("zh-Hans", "简体中文")}
+DEFAULT_LANGUAGE = "en"
+_TRADITIONAL_REGIONS = {"tw", "hk", "mo"}
+
+# Texts that reach the page in English from elsewhere: the store keeps runs' and store's
+# messages as written, and werkzeug names and describes its errors. Listed here so that
+# `pybabel extract` finds them; `translate_known` looks them up when they are shown.
+KNOWN_TEXTS = (
+    # runs.py and store.py
+    lazy_gettext("Something went wrong while writing this reply."),
+    lazy_gettext("The reply was cut off because it reached the length limit."),
+    lazy_gettext("The provider's content filter stopped this reply."),
+    lazy_gettext("This conversation is full. Start a new chat to go on."),
+    # werkzeug's names of the errors webchat answers with, and views.TooManyRequests
+    lazy_gettext("Bad Request"),
+    lazy_gettext("Forbidden"),
+    lazy_gettext("Not Found"),
+    lazy_gettext("Method Not Allowed"),
+    lazy_gettext("Conflict"),
+    lazy_gettext("Request Entity Too Large"),
+    lazy_gettext("Too many requests"),
+    lazy_gettext("Internal Server Error"),
+    # werkzeug's descriptions of the errors raised without one of ours
+    lazy_gettext("The browser (or proxy) sent a request that this server could not "
+                 "understand."),
+    lazy_gettext("The requested URL was not found on the server. If you entered the URL "
+                 "manually please check your spelling and try again."),
+    lazy_gettext("The method is not allowed for the requested URL."),
+    lazy_gettext("The data value transmitted exceeds the capacity limit."),
+    lazy_gettext("The server encountered an internal error and was unable to complete your "
+                 "request. Either the server is overloaded or there is an error in the "
+                 "application."),
+)
+
+
+def init_app(app: Flask) -> None:
+    """Set up Flask-Babel with webchat's locale and time zone selectors, and the switch."""
+    app.config.setdefault("BABEL_TRANSLATION_DIRECTORIES", str(ROOT / "translations"))
+    Babel(app, default_locale=DEFAULT_LANGUAGE, locale_selector=select_language,
+          timezone_selector=select_timezone)
+    app.register_blueprint(bp)
+    app.context_processor(_language_context)
+    app.jinja_env.globals.update(
+        format_decimal=format_decimal, translate_known=translate_known, time_tag=time_tag)
+    app.after_request(_vary)
+
+
+def select_language() -> str:
+    """Return the catalog for this request: the switch's cookie, else Accept-Language."""
+    choice = request.cookies.get(LANG_COOKIE, "")
+    if choice in LANGUAGES:
+        return choice
+    return best_language(request.accept_languages)
+
+
+def best_language(accepted: Iterable[tuple[str, float]]) -> str:
+    """Return the catalog that fits the reader's most wanted language, English if none does.
+
+    Only Simplified Chinese is translated: ``zh-TW``, ``zh-HK``, ``zh-MO`` and
+    ``zh-Hant`` get English, and so does a bare ``zh`` after one of them (browsers set
+    up for Traditional Chinese send ``zh-TW,zh;q=0.9``).
+    """
+    traditional = False
+    for tag, quality in sorted(accepted, key=lambda item: -item[1]):
+        if quality <= 0:
+            continue
+        primary, *subtags = tag.lower().replace("_", "-").split("-")
+        if primary == "en":
+            return "en"
+        if primary != "zh":
+            continue
+        if "hans" in subtags:
+            return "zh_Hans"
+        if "hant" in subtags or _TRADITIONAL_REGIONS.intersection(subtags):
+            traditional = True
+        elif subtags or not traditional:
+            return "zh_Hans"
+    return DEFAULT_LANGUAGE
+
+
+def select_timezone() -> tzinfo:
+    """Return the reader's time zone (the browser's, from the ``tz`` cookie; else UTC)."""
+    return views._reader_zone()
+
+
+def current_language() -> str:
+    """Return the catalog in use for this request (``en`` or ``zh_Hans``)."""
+    locale = get_locale()
+    name = str(locale) if locale is not None else DEFAULT_LANGUAGE
+    return name if name in LANGUAGES else DEFAULT_LANGUAGE
+
+
+def _language_context() -> dict[str, Any]:
+    language = current_language()
+    return {"lang": LANGUAGES[language][0], "language": language,
+            "languages": [(code, tag, name) for code, (tag, name) in LANGUAGES.items()]}
+
+
+def translate_known(text: str) -> str:
+    """Return ``text`` translated if the catalog has it, else as it is (no %-formatting)."""
+    if not text:
+        return text
+    return str(get_translations().ugettext(text))
+
+
+def time_tag(timestamp: float) -> Markup:
+    """Return a ``<time>`` of ``timestamp`` in the reader's language and time zone.
+
+    Today's times show the time of day alone; older ones the date too.
+    """
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    zone = get_timezone() or UTC
+    today = moment.astimezone(zone).date() == datetime.now(zone).date()
+    text = format_time(moment, "short") if today else format_datetime(moment, "short")
+    return Markup('<time datetime="{}" title="{}">{}</time>').format(
+        moment.isoformat(timespec="seconds"), format_datetime(moment, "medium"), text)
+
+
+def _vary(response: Response) -> Response:
+    if response.mimetype == "text/html":
+        response.vary.add("Accept-Language")
+    return response
+
+
+@bp.post("/lang")
+def switch_language() -> Any:
+    """Remember the reader's language (a form, so it works without JavaScript)."""
+    views.check_csrf()
+    choice = request.form.get("lang", "")
+    response = redirect(views._safe_back(), code=303)
+    if choice in LANGUAGES:
+        response.set_cookie(LANG_COOKIE, choice, max_age=365 * 86400, samesite="Lax",
+                            secure=request.is_secure, httponly=True)
+    else:
+        response.delete_cookie(LANG_COOKIE)
+    return response
