@@ -116,6 +116,19 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def core_busy() -> dict[str, float]:
+    """Return each core's busy seconds so far (all processes), from /proc/stat."""
+    busy = {}
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *ticks = line.split()
+                values = [int(t) for t in ticks]
+                idle = values[3] + values[4]  # idle + iowait
+                busy[name] = (sum(values[:8]) - idle) / CLOCK_TICKS
+    return busy
+
+
 def client_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -634,6 +647,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.phase_file:  # tell the harness the clock starts (it may attach a profiler)
         with open(args.phase_file, "w", encoding="utf-8") as f:
             f.write("streaming\n")
+    busy0 = core_busy()
     cpu0, ccpu0, t0 = cpu_seconds(pids), client_cpu(), time.monotonic()
     sampler = asyncio.ensure_future(sample_server(pids, live, samples, stop))
     watcher = asyncio.ensure_future(watch_loop(loop_lags, stop))
@@ -650,6 +664,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.monotonic() - t0
     cpu = cpu_seconds(pids) - cpu0
     ccpu = client_cpu() - ccpu0
+    busy = {core: round(100 * (seconds - busy0.get(core, 0.0)) / wall, 1)
+            for core, seconds in core_busy().items()} if wall else {}
     stop.set()
     await asyncio.gather(sampler, watcher)
     missing = users * repeat - len(streams)  # tabs whose setup failed never streamed
@@ -676,6 +692,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "client_cpu_s": round(ccpu, 3),
         "client_cpu_pct": round(100 * ccpu / wall, 1) if wall else None,
         "client_loop_lag_ms": quantiles(loop_lags),
+        # Every process's CPU on each core: what is not the server's or the
+        # client's is someone else's load, i.e. noise in this run.
+        "core_busy_pct": busy,
         "samples": [[round(s[0] - t0, 3), s[1], round(s[2] - cpu0, 3), s[3]] for s in samples],
     })
     return result

@@ -388,6 +388,7 @@ def parse_args() -> argparse.Namespace:
                         help="bisection steps per server for sustainable streams (0: none)")
     parser.add_argument("--fast-repeat", type=int, default=10,
                         help="replies each of the 100 fast-model users streams back to back")
+    parser.add_argument("--no-grid", action="store_true", help="skip the N x R grid")
     parser.add_argument("--no-fast", action="store_true")
     parser.add_argument("--no-idle", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
@@ -444,7 +445,7 @@ def main() -> None:
     log(f"{len(servers)} servers x N {streams} x R {rates}; results -> {out}")
     with tempfile.TemporaryDirectory(prefix="webchat-bench-") as tmp:
         workdir = Path(tmp)
-        for rate in rates:
+        for rate in [] if opts.no_grid else rates:
             for n in streams:
                 for name in servers:
                     result = measure(name, n, rate, opts, workdir)
@@ -479,7 +480,8 @@ def main() -> None:
             result = measure("webchat", opts.profile_streams, 20.0, opts, workdir, profile=True)
             doc["profile"] = {"run": result, "svg": str(opts.profile_svg.relative_to(ROOT)),
                               "raw": str(opts.profile_raw.relative_to(ROOT)),
-                              "wall": str(opts.profile_wall.relative_to(ROOT))}
+                              "wall": str(opts.profile_wall.relative_to(ROOT)),
+                              "seconds": opts.profile_seconds}
             log("profiled: " + brief(result))
             save()
     save()

@@ -9,6 +9,24 @@
   function composer() { return document.getElementById("composer"); }
   function textBox() { return document.getElementById("composer-text"); }
 
+  // The page's words for this script, in the reader's language (data-i18n-* on <body>).
+  function phrase(key) {
+    return (document.body && document.body.getAttribute("data-i18n-" + key)) || "";
+  }
+
+  // Code blocks come from the Markdown renderer, which speaks English: relabel their copy
+  // buttons (they only work with this script anyway).
+  function labelCopyButtons() {
+    var label = phrase("copy"), name = phrase("copy-code");
+    if (!label) { return; }
+    var buttons = document.querySelectorAll(".code button.copy:not([data-labelled])");
+    for (var i = 0; i < buttons.length; i++) {
+      buttons[i].textContent = label;
+      if (name) { buttons[i].setAttribute("aria-label", name); }
+      buttons[i].setAttribute("data-labelled", "");
+    }
+  }
+
   function announce(text) {
     var el = document.getElementById("announcer");
     if (el) { el.textContent = text; }
@@ -38,7 +56,7 @@
   function copyText(text, button) {
     var done = function () {
       var old = button.textContent;
-      button.textContent = button.getAttribute("data-copied") || "Copied";
+      button.textContent = button.getAttribute("data-copied") || phrase("copied");
       setTimeout(function () { button.textContent = old; }, 1500);
     };
     if (navigator.clipboard && window.isSecureContext) {
@@ -68,6 +86,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
+    labelCopyButtons();
     var el = scroller();
     if (el) {
       el.addEventListener("scroll", function () { stick = nearBottom(el); }, { passive: true });
@@ -119,6 +138,14 @@
     }
   });
 
+  // Forms that come back to this page (language, colours) say where it is; htmx may have
+  // changed the address since the page was drawn.
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    var next = form instanceof HTMLFormElement && form.querySelector("input[name=next]");
+    if (next) { next.value = location.pathname + location.search; }
+  });
+
   document.addEventListener("htmx:beforeRequest", function (event) {
     if (event.detail.elt === composer()) {
       document.getElementById("form-error").textContent = "";
@@ -136,16 +163,17 @@
     }
   });
 
-  document.addEventListener("htmx:sseOpen", function () { announce("Generating…"); });
-  document.addEventListener("htmx:sseMessage", follow);
+  document.addEventListener("htmx:sseOpen", function () { announce(phrase("generating")); });
+  document.addEventListener("htmx:sseMessage", function () { labelCopyButtons(); follow(); });
   document.addEventListener("htmx:afterSwap", function (event) {
+    labelCopyButtons();
     follow();
     var elt = event.detail.elt;
     if (elt && elt.classList && elt.classList.contains("msg") && elt.classList.contains("assistant")) {
       var status = elt.getAttribute("data-status");
-      if (status === "error") { announce("The reply failed."); }
+      if (status === "error") { announce(phrase("failed")); }
       else if (status && status !== "pending" && status !== "streaming") {
-        announce("Reply complete.");
+        announce(phrase("complete"));
         var box = textBox();
         if (box && document.activeElement === document.body) { box.focus(); }
       }

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -87,15 +90,19 @@ class Server:
 
 
 def start_server(tmp: Path, *, workers: int = 1, env: dict[str, str] | None = None,
-                 database: Path | None = None) -> Server:
-    """Start gunicorn (-k gevent) on a free 127.0.0.1 port and wait until it answers."""
+                 database: Path | None = None, database_url: str | None = None) -> Server:
+    """Start gunicorn (-k gevent) on a free 127.0.0.1 port and wait until it answers.
+
+    The store is the SQLite file ``database`` (default: one in ``tmp``), or the
+    PostgreSQL database at ``database_url``.
+    """
     port = free_port()
     database = database or tmp / "webchat.sqlite3"
     log = tmp / f"gunicorn-{port}.log"
     full_env = {
         **os.environ,
         "SECRET_KEY": "test-secret-key-0123456789abcdef",
-        "DATABASE_URL": f"sqlite:///{database}",
+        "DATABASE_URL": database_url or f"sqlite:///{database}",
         "WEBCHAT_BACKEND": "demo",
         "WEBCHAT_DEMO_TOKENS_PER_SECOND": "25",
         # Every test client comes from 127.0.0.1: per-address limits are tested apart.
@@ -126,6 +133,43 @@ def start_server(tmp: Path, *, workers: int = 1, env: dict[str, str] | None = No
     while len(Server(url, process, database, log).worker_pids()) < workers:
         time.sleep(0.05)
     return Server(url, process, database, log, full_env)
+
+
+# PostgreSQL ---------------------------------------------------------------------
+
+POSTGRES_URL = os.environ.get("WEBCHAT_TEST_POSTGRES_URL", "")
+POSTGRES_SKIP = ("PostgreSQL tests skipped: set WEBCHAT_TEST_POSTGRES_URL (e.g. "
+                 "postgresql://postgres@127.0.0.1:5432/test); tests/run.sh sets it when a local "
+                 "PostgreSQL server answers")
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """Create an empty database on the test server; yield its URL; drop it afterwards."""
+    import psycopg
+
+    from webchat import store
+
+    name = f"webchat_test_{secrets.token_hex(6)}"
+    parts = urlsplit(POSTGRES_URL)
+    url = urlunsplit(parts._replace(path=f"/{name}"))
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield url
+    finally:
+        store.close_pool(url)
+        with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=10) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database (skipped without a test server)."""
+    if not POSTGRES_URL:
+        pytest.skip(POSTGRES_SKIP)
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,12 @@ class Reader:
                 self.tail = tail
             else:
                 self.tail = data
+        elif event.name == "text":
+            # Raw text grows inside the tail's span.grow (escaped by the server).
+            marker = '<span class="grow">'
+            at = self.tail.rindex(marker) + len(marker)
+            end = self.tail.index("</span>", at)
+            self.tail = self.tail[:end] + event.data + self.tail[end:]
         elif event.name in ("done", "error"):
             self.final = event.data
 

@@ -45,7 +45,7 @@ def test_stop_keeps_the_partial_text(slow_server: Server, page: Any, how: str) -
     reply = page.locator(".msg.assistant")
     reply.locator(".tail p").first.wait_for()
     page.wait_for_function(
-        "() => document.querySelector('.msg.assistant .body').textContent.length > 40")
+        "() => (document.querySelector('.msg.assistant .body')?.textContent ?? '').length > 40")
     if how == "button":
         reply.get_by_role("button", name="Stop generating").click()
     else:
@@ -70,7 +70,7 @@ def test_reload_mid_reply_resumes_and_completes(slow_server: Server, page: Any) 
     page.goto(slow_server.url + "/")
     send(page, "reload in the middle")
     page.wait_for_function(
-        "() => document.querySelector('.msg.assistant .body').textContent.length > 60")
+        "() => (document.querySelector('.msg.assistant .body')?.textContent ?? '').length > 60")
     page.reload()
     reply = page.locator(".msg.assistant")
     assert reply.get_attribute("aria-busy") == "true"
@@ -110,7 +110,13 @@ def test_eight_tabs_each_get_their_reply(server_factory: Any, browser: Any) -> N
             send(tab, f"tab number {number}")
         for number, tab in enumerate(tabs):
             done = tab.locator(".msg.assistant[data-status=complete]")
-            done.wait_for(timeout=30_000)
+            try:
+                done.wait_for(timeout=30_000)
+            except Exception as exc:
+                states = [(t.locator(".msg").count(), t.locator("#form-error").inner_text(),
+                           t.locator(".msg.assistant").evaluate_all(
+                               "els => els.map(e => e.dataset.status)")) for t in tabs]
+                raise AssertionError(f"tab {number} never completed: {states}") from exc
             assert f"tab number {number}" in done.locator(".body").text_content()
             assert tab.locator("[sse-connect]").count() == 0  # finished: the stream is closed
     finally:

@@ -209,14 +209,12 @@ def snippet(server: Server, **data: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cookieless_browser() -> Iterator[Any]:
+def cookieless_browser(browser: Any) -> Iterator[Any]:
     """A Chromium that blocks third-party cookies, as browsers are heading to."""
-    playwright_sync = pytest.importorskip("playwright.sync_api")
-    with playwright_sync.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            *CHROMIUM_ARGS, "--test-third-party-cookie-phaseout"])
-        yield browser
-        browser.close()
+    cookieless = browser.browser_type.launch(executable_path=CHROMIUM, args=[
+        *CHROMIUM_ARGS, "--test-third-party-cookie-phaseout"])
+    yield cookieless
+    cookieless.close()
 
 
 def send_in(frame: Any, text: str) -> None:
@@ -227,8 +225,8 @@ def send_in(frame: Any, text: str) -> None:
 
 @pytest.mark.e2e
 def test_snippet_opens_a_chat_that_works_in_a_cross_site_frame_without_third_party_cookies(
-        cookieless_browser: Any, server_factory: Callable[..., Server],
-        host_site: Callable[[], HostSite]) -> None:
+        server_factory: Callable[..., Server], host_site: Callable[[], HostSite],
+        cookieless_browser: Any) -> None:
     site = host_site()
     server = server_factory(env={"WEBCHAT_EMBED_ORIGINS": site.origin,
                                  "WEBCHAT_DEMO_TOKENS_PER_SECOND": "150"})
@@ -269,14 +267,20 @@ def test_snippet_opens_a_chat_that_works_in_a_cross_site_frame_without_third_par
         frame = page.frame_locator("[data-webchat] iframe")
         frame.locator(".msg.user", has_text="Hello from the intranet").wait_for()
         assert frame.locator(".msg.assistant[data-status=complete]").count() == 1
+
+        # Links to the main pages (which refuse frames) lead to their /embed counterparts.
+        frame.get_by_role("link", name="New chat").click()
+        frame.locator("#empty-state").wait_for()  # shown once the chat is empty
+        assert "new=1" in page.frames[1].url and "color=%230a7d55" in page.frames[1].url
+        assert frame.locator(".msg").count() == 0
     finally:
         context.close()
 
 
 @pytest.mark.e2e
 def test_host_page_steers_the_chat_and_only_allowed_origins_are_heard(
-        page: Any, server_factory: Callable[..., Server],
-        host_site: Callable[[], HostSite]) -> None:
+        server_factory: Callable[..., Server], host_site: Callable[[], HostSite],
+        page: Any) -> None:
     site = host_site()
     server = server_factory(env={"WEBCHAT_EMBED_ORIGINS": site.origin})
     site.pages["/"] = snippet(server, open="true", position="bottom-left", theme="light",
@@ -306,12 +310,15 @@ def test_host_page_steers_the_chat_and_only_allowed_origins_are_heard(
     inner.evaluate("window.postMessage({type: 'webchat:theme', scheme: 'light'}, '*')")
     page.wait_for_timeout(300)
     assert inner.evaluate("document.documentElement.dataset.theme") == "dark"
+    unexpected = [error for error in page.console_errors
+                  if "autofocusing" not in error and "favicon.ico" not in error]
+    assert unexpected == []
 
 
 @pytest.mark.e2e
 def test_other_sites_and_the_main_pages_cannot_frame_the_chat(
-        page: Any, server_factory: Callable[..., Server],
-        host_site: Callable[[], HostSite]) -> None:
+        server_factory: Callable[..., Server], host_site: Callable[[], HostSite],
+        page: Any) -> None:
     allowed, stranger = host_site(), host_site()
     server = server_factory(env={"WEBCHAT_EMBED_ORIGINS": allowed.origin})
     stranger.pages["/"] = snippet(server, open="true")

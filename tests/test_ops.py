@@ -24,6 +24,7 @@ from .chat_client import ChatClient
 from .conftest import Server, csrf_of
 
 TOKEN = "metrics-token-0123456789"
+LogLines = Callable[[], list[dict[str, Any]]]
 
 
 def make_app(tmp_path: Path, **config: Any) -> Any:
@@ -39,7 +40,7 @@ def sample(text: str, name: str) -> float:
 
 
 @pytest.fixture
-def log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+def log_lines() -> Iterator[LogLines]:
     """Capture what the webchat loggers write; call the result to get the JSON objects."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -53,8 +54,7 @@ def log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
 
 # Request ids and logs -------------------------------------------------------
 
-def test_a_well_formed_request_id_is_kept_and_echoed(tmp_path: Path,
-                                                     log_lines: Callable[[], list[dict[str, Any]]]) -> None:
+def test_a_well_formed_request_id_is_kept_and_echoed(tmp_path: Path, log_lines: LogLines) -> None:
     client = make_app(tmp_path).test_client()
     response = client.get("/", headers={"X-Request-ID": "req-1234.abcd"})
     response.close()
@@ -77,7 +77,7 @@ def test_a_missing_or_malformed_request_id_is_replaced(tmp_path: Path,
 
 
 def test_log_lines_written_during_a_request_carry_its_id(tmp_path: Path,
-                                                         log_lines: Callable[[], list[dict[str, Any]]]) -> None:
+                                                         log_lines: LogLines) -> None:
     app = make_app(tmp_path)
 
     @app.get("/_log")
@@ -158,18 +158,20 @@ def test_recorded_replies_show_in_the_metrics(tmp_path: Path) -> None:
 # The client behind a proxy --------------------------------------------------
 
 def test_behind_one_proxy_the_forwarded_scheme_and_address_are_used(
-        tmp_path: Path, log_lines: Callable[[], list[dict[str, Any]]]) -> None:
+        tmp_path: Path, log_lines: LogLines) -> None:
     def post(app: Any) -> int:
         client = app.test_client()
         token = csrf_of(client.get("/").get_data(as_text=True))
-        return int(client.post("/chat", data={"text": "hi"}, headers={
+        response = client.post("/chat", data={"text": "hi"}, headers={
             "HX-Request": "true", "X-CSRF-Token": token, "Origin": "https://chat.example.com",
             "X-Forwarded-Proto": "https", "X-Forwarded-Host": "chat.example.com",
-            "X-Forwarded-For": "203.0.113.9"}).status_code)
+            "X-Forwarded-For": "203.0.113.9"})
+        response.close()  # the access line is written when the response ends
+        return int(response.status_code)
 
     # The browser says https://chat.example.com: only the proxy's headers make that true.
-    assert post(make_app(tmp_path / "direct")) == 403
-    assert post(make_app(tmp_path / "proxied", PROXY_HOPS=1)) == 200
+    assert post(make_app(tmp_path)) == 403
+    assert post(make_app(tmp_path, PROXY_HOPS=1)) == 200
     clients = {line["client"] for line in log_lines()
                if line["logger"] == "webchat.access" and line["method"] == "POST"}
     assert "203.0.113.9" in clients

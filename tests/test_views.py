@@ -60,13 +60,15 @@ def test_a_turn_streams_snapshot_deltas_and_done(client: Any) -> None:
     events = events_of(body)
     names = [name for name, _ in events]
     assert names[0] == "snapshot" and names[-1] == "done"
-    assert set(names) <= {"snapshot", "delta", "done"}
+    assert set(names) <= {"snapshot", "delta", "text", "done"}
+    assert names[-2] == "delta", "the body is brought to its final form before done"
     assert all(event_id.isdigit() for _, event_id in events)
     assert "\r" not in body
 
     again = client.get(url)  # idempotent: the finished reply, never a 204
     assert again.status_code == 200
-    assert [name for name, _ in events_of(again.get_data(as_text=True))] == ["snapshot", "done"]
+    assert [name for name, _ in events_of(again.get_data(as_text=True))] == [
+        "snapshot", "delta", "done"]
     page = client.get(f"/c/{cid}").get_data(as_text=True)
     assert "You wrote: “Hello”" in page
     assert "sse-connect" not in page
@@ -133,11 +135,15 @@ def test_a_second_message_waits_for_the_reply(client: Any) -> None:
     assert again.status_code == 200
 
 
-def test_a_plain_form_post_redirects_to_the_conversation(client: Any) -> None:
+def test_a_plain_form_post_answers_with_the_page_and_the_reply(client: Any) -> None:
     token = csrf_of(client.get("/").get_data(as_text=True))
     response = client.post("/chat", data={"text": "no js", "csrf_token": token})
-    assert response.status_code == 303
-    assert re.match(r"^/c/[A-Za-z0-9_-]{22}$", response.headers["Location"])
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/html")
+    page = response.get_data(as_text=True)
+    assert "You wrote: “no js”" in page and 'data-status="live"' in page
+    assert page.rstrip().endswith("</html>")
+    assert re.search(r'id="conversation-id" value="[A-Za-z0-9_-]{22}"', page)
 
 
 def test_bad_last_event_id_is_a_400(client: Any) -> None:

@@ -41,6 +41,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
 
     from . import store
+    store.set_pool_size(app.config["DATABASE_POOL_SIZE"])
     db = store.connect(app.config["DATABASE"])
     try:
         store.init_db(db)
@@ -66,7 +67,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     embed.init_app(app)
     ops.init_app(app)
     logger.info("webchat ready: backend %s, models %s, store %s", backend.name,
-                ", ".join(backend.models()), app.config["DATABASE"])
+                ", ".join(backend.models()), store.describe(app.config["DATABASE"]))
     return app
 
 
@@ -105,4 +106,7 @@ def _database_path(app: Flask) -> str:
         return str(Path(app.instance_path) / "webchat.sqlite3")
     if url.startswith("sqlite:///"):
         return url.removeprefix("sqlite:///") or ":memory:"
-    raise ConfigError(f"DATABASE_URL={url.split(':', 1)[0]}:… is not supported: use sqlite:///path.")
+    if url.startswith(("postgresql://", "postgres://")):
+        return str(url)  # store.connect picks the driver from the URL
+    raise ConfigError(f"DATABASE_URL={url.split(':', 1)[0]}:… is not supported: use "
+                      "sqlite:///path or postgresql://user:password@host/database.")

@@ -139,7 +139,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Signs the session cookie. Required unless WEBCHAT_DEV=1; use a long random string."),
     Setting("DATABASE_URL", "DATABASE_URL", _text, None,
             "Where conversations are stored. Default: a SQLite file `webchat.sqlite3` in the "
-            "instance folder; `sqlite:///path/to/file.sqlite3` chooses another file."),
+            "instance folder; `sqlite:///path/to/file.sqlite3` chooses another file, "
+            "`postgresql://user:password@host:5432/db` a PostgreSQL database (then any number "
+            "of instances may share it)."),
+    Setting("WEBCHAT_DATABASE_POOL_SIZE", "DATABASE_POOL_SIZE", _positive_int, 10,
+            "PostgreSQL only: most connections one worker process keeps open (its greenlets "
+            "share them; a query holds one only while it runs)."),
     Setting("WEBCHAT_DEV", "DEV", _bool, False,
             "Development mode: a random SECRET_KEY is made and kept in the instance folder."),
     Setting("WEBCHAT_BACKEND", "BACKEND", _backend, "auto",

@@ -10,7 +10,6 @@ chat keeps its session in a cookie of its own, ``SameSite=None; Secure; Partitio
 from __future__ import annotations
 
 import re
-import sqlite3
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -57,7 +56,7 @@ def page() -> str:
     """
     db = views.get_db()
     owner = views.current_owner()
-    conversation: sqlite3.Row | None = None
+    conversation: store.Row | None = None
     cid = request.args.get("c", "")
     if cid:
         conversation = store.get_conversation(db, owner, views.valid_id(cid)) if owner else None

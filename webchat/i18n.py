@@ -24,7 +24,6 @@ from flask_babel import (
     get_locale,
     get_timezone,
     get_translations,
-    lazy_gettext,
 )
 from markupsafe import Markup
 
@@ -38,34 +37,40 @@ LANGUAGES = {"en": ("en", "English"), "zh_Hans": ("zh-Hans", "简体中文")}
 DEFAULT_LANGUAGE = "en"
 _TRADITIONAL_REGIONS = {"tw", "hk", "mo"}
 
+
+def N_(text: str) -> str:
+    """Mark ``text`` for ``pybabel extract`` without translating it (gettext's convention)."""
+    return text
+
+
 # Texts that reach the page in English from elsewhere: the store keeps runs' and store's
 # messages as written, and werkzeug names and describes its errors. Listed here so that
 # `pybabel extract` finds them; `translate_known` looks them up when they are shown.
 KNOWN_TEXTS = (
     # runs.py and store.py
-    lazy_gettext("Something went wrong while writing this reply."),
-    lazy_gettext("The reply was cut off because it reached the length limit."),
-    lazy_gettext("The provider's content filter stopped this reply."),
-    lazy_gettext("This conversation is full. Start a new chat to go on."),
+    N_("Something went wrong while writing this reply."),
+    N_("The reply was cut off because it reached the length limit."),
+    N_("The provider's content filter stopped this reply."),
+    N_("This conversation is full. Start a new chat to go on."),
     # werkzeug's names of the errors webchat answers with, and views.TooManyRequests
-    lazy_gettext("Bad Request"),
-    lazy_gettext("Forbidden"),
-    lazy_gettext("Not Found"),
-    lazy_gettext("Method Not Allowed"),
-    lazy_gettext("Conflict"),
-    lazy_gettext("Request Entity Too Large"),
-    lazy_gettext("Too many requests"),
-    lazy_gettext("Internal Server Error"),
+    N_("Bad Request"),
+    N_("Forbidden"),
+    N_("Not Found"),
+    N_("Method Not Allowed"),
+    N_("Conflict"),
+    N_("Request Entity Too Large"),
+    N_("Too many requests"),
+    N_("Internal Server Error"),
     # werkzeug's descriptions of the errors raised without one of ours
-    lazy_gettext("The browser (or proxy) sent a request that this server could not "
-                 "understand."),
-    lazy_gettext("The requested URL was not found on the server. If you entered the URL "
-                 "manually please check your spelling and try again."),
-    lazy_gettext("The method is not allowed for the requested URL."),
-    lazy_gettext("The data value transmitted exceeds the capacity limit."),
-    lazy_gettext("The server encountered an internal error and was unable to complete your "
-                 "request. Either the server is overloaded or there is an error in the "
-                 "application."),
+    N_("The browser (or proxy) sent a request that this server could not "
+       "understand."),
+    N_("The requested URL was not found on the server. If you entered the URL "
+       "manually please check your spelling and try again."),
+    N_("The method is not allowed for the requested URL."),
+    N_("The data value transmitted exceeds the capacity limit."),
+    N_("The server encountered an internal error and was unable to complete your "
+       "request. Either the server is overloaded or there is an error in the "
+       "application."),
 )
 
 

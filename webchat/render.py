@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 from xml.etree.ElementTree import tostring
@@ -455,6 +455,7 @@ class StreamRenderer:
         self._blocks: list[str] = []
         self._tail = ""
         self._references: dict[str, Any] = {}  # link definitions from finished text
+        self._seen = -1  # for feed_growing: chars of the reply already on the page
 
     @property
     def blocks_count(self) -> int:
@@ -467,13 +468,44 @@ class StreamRenderer:
         `text` must extend the text of the previous call; this is not checked. The tail
         may hold more than one block, see the class docstring.
         """
+        new_blocks, render_tail = self._advance(text)
+        self._tail = render_tail()
+        return new_blocks, self._tail
+
+    def feed_growing(self, text: str) -> tuple[list[str], str | None, str]:
+        """Return ``(finished blocks, new tail HTML or None, raw text to append)``.
+
+        The cheap way to stream: the open tail is rendered only when a block starts
+        (when finished blocks leave it); in between, the new characters are returned
+        as raw text for the page to append inside the tail's ``span.grow``. A tail is
+        parsed again only when a line completes, so each update costs about the size
+        of the new text, and each block is rendered once. The raw text shows until
+        its block finishes and is rendered (or a snapshot renders everything).
+        """
+        if self._seen < 0:
+            new_blocks, tail = self.feed(text)
+            self._seen = len(text)
+            return new_blocks, mark_growing(tail), ""
+        added = text[self._seen :]
+        self._seen = len(text)
+        if not added or ("\n" not in added and "\r" not in added):
+            return [], None, added
+        before = self._offset
+        new_blocks, render_tail = self._advance(text)
+        if self._offset == before:
+            return [], None, added
+        self._tail = render_tail()
+        return new_blocks, mark_growing(self._tail), ""
+
+    def _advance(self, text: str) -> tuple[list[str], Callable[[], str]]:
+        """Move finished blocks out of the tail; return them and how to render the tail."""
         chunk = text[self._offset :]
         env: EnvType = {"references": dict(self._references)}
         try:
             tokens = _parse(chunk, env)
         except RecursionError:
-            self._tail = _fallback_html(chunk)
-            return [], self._tail
+            fallback = _fallback_html(chunk)
+            return [], lambda: fallback
         starts = [i for i, t in enumerate(tokens) if t.level == 0 and t.nesting >= 0 and t.map]
         line_starts = [0, *(match.end() for match in _NEWLINE_RE.finditer(chunk))]
         last = len(starts) - 1
@@ -491,12 +523,31 @@ class StreamRenderer:
                 self._references = finished_env["references"]
             self._offset += cut
             self._blocks.extend(new_blocks)
-        self._tail = _render_tokens(tokens[starts[last] :], env) if starts else ""
-        return new_blocks, self._tail
+        tail_tokens = tokens[starts[last] :] if starts else []
+        return new_blocks, lambda: _render_tokens(tail_tokens, env) if tail_tokens else ""
 
     def snapshot(self) -> str:
         """Return all finished blocks and the open tail as one HTML string."""
         return "".join(self._blocks) + self._tail
+
+
+# Closing tags of blocks (not of inline elements) at the end of the tail: text grows
+# before them. A code block's ``</code>`` counts, an inline one's does not.
+_TRAILING_CLOSERS = re.compile(
+    r"(?:\s*</(?:p|li|ul|ol|pre|div|blockquote|table|tbody|thead|tr|td|th|h[1-6]|math)>"
+    r"|\s*</code>(?=\s*</pre>))+\s*$")
+GROW = '<span class="grow"></span>'
+
+
+def mark_growing(tail_html: str) -> str:
+    """Put an empty ``span.grow`` where the tail's text ends (inside its last element).
+
+    The page appends the raw text of the still-growing block there.
+    """
+    match = _TRAILING_CLOSERS.search(tail_html)
+    if not tail_html or match is None:
+        return tail_html + f"<p>{GROW}</p>"
+    return tail_html[: match.start()] + GROW + tail_html[match.start() :]
 
 
 def _start_line(token: Token) -> int:

@@ -28,6 +28,8 @@ from .render import StreamRenderer
 logger = logging.getLogger(__name__)
 
 REMOTE_POLL_SECONDS = 0.25  # a tail of a run in another worker re-reads the store this often
+# ... unless the store announces changes (PostgreSQL): then this is only a safety net.
+REMOTE_WAIT_SECONDS = 2.0
 STALE_AFTER_SECONDS = 5.0  # a worker silent this long is dead (heartbeat every checkpoint)
 
 
@@ -263,6 +265,7 @@ class Runner:
         caller). A reply generated in this worker is followed in-process; one
         generated elsewhere through the store's checkpoints.
         """
+        read_at = time.monotonic()  # a change announced after this is news to this tail
         row = load()
         if row is None:
             return
@@ -270,14 +273,14 @@ class Runner:
         renderer = StreamRenderer()
         content, reasoning, queued = _state(run, row)
         seen = run.version if run is not None else -1
-        snapshot_blocks, snapshot_tail = renderer.feed(content)
+        snapshot_blocks, snapshot_tail, _ = renderer.feed_growing(content)
         event_id = _event_id(content, reasoning)
         yield Update("snapshot", "".join(snapshot_blocks), event_id, tail=snapshot_tail)
         if reasoning:
             yield Update("think", reasoning, event_id)
         if queued:
             yield Update("status", "queued", event_id)
-        sent_reasoning, sent_queued, sent_tail = reasoning, queued, snapshot_tail
+        sent_reasoning, sent_queued = reasoning, queued
         last_sent = time.monotonic()
         while True:
             if run is not None:
@@ -300,7 +303,12 @@ class Runner:
                     content, reasoning, queued = _state(None, row)
                     final = True
             else:
-                gevent.sleep(REMOTE_POLL_SECONDS)
+                # Another process writes this reply: wait for news of it (PostgreSQL
+                # announces each checkpoint; SQLite can only be polled), then re-read.
+                changes = store.changes(self.database)
+                changes.wait(message_id, REMOTE_WAIT_SECONDS if changes.notifies
+                             else REMOTE_POLL_SECONDS, since=read_at)
+                read_at = time.monotonic()
                 row = self._reload_remote(load)
                 if row is None:
                     return
@@ -318,15 +326,22 @@ class Runner:
                 yield Update("status", "queued" if queued else "generating", event_id)
                 sent_queued, sent_any = queued, True
             if final:
+                # Bring the body to its final form with one last delta, so that the
+                # closing event need not carry the whole reply again.
+                blocks, tail_html = renderer.feed(content)
+                yield Update("delta", "".join(blocks), event_id, tail=tail_html)
                 yield Update("error" if row["status"] == "error" else "done", event_id=event_id,
                              message=row)
                 return
-            blocks, tail_html = renderer.feed(content)
-            if blocks or tail_html != sent_tail:
+            blocks, tail_html, grown = renderer.feed_growing(content)
+            if tail_html is not None:
                 # One event for both, so the page never shows a block twice
                 # (appended, and still in the old tail) between two swaps.
                 yield Update("delta", "".join(blocks), event_id, tail=tail_html)
-                sent_tail, sent_any = tail_html, True
+                sent_any = True
+            elif grown:
+                yield Update("text", grown, event_id)
+                sent_any = True
             now = time.monotonic()
             if sent_any:
                 last_sent = now

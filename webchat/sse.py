@@ -13,6 +13,7 @@ import re
 # Event names: the one place they are spelled.
 SNAPSHOT = "snapshot"  # replace the reply body with everything so far
 DELTA = "delta"  # replace the still-open last block (and append newly finished ones, out of band)
+TEXT = "text"  # append raw (escaped) text to the still-open block
 THINK = "think"  # replace the reasoning ("Thinking") text
 STATUS = "status"  # replace the reply's status line (queued, generating)
 DONE = "done"  # replace the whole message with its final form; closes the stream

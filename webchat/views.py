@@ -7,12 +7,11 @@ import json
 import logging
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, tzinfo
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from flask import (
@@ -66,11 +65,11 @@ def _page_context() -> dict[str, Any]:
 
 # Plumbing -----------------------------------------------------------------
 
-def get_db() -> sqlite3.Connection:
+def get_db() -> store.Connection:
     """Return this request's store connection, opening it on first use."""
     if "db" not in g:
         g.db = store.connect(current_app.config["DATABASE"])
-    db: sqlite3.Connection = g.db
+    db: store.Connection = g.db
     return db
 
 
@@ -184,11 +183,11 @@ def _http_error(exc: HTTPException) -> Response:
 PAGE_MESSAGES = 40  # the latest messages a page shows; older ones load on scrolling up
 
 
-def group_conversations(conversations: list[sqlite3.Row]) -> list[tuple[str, list[sqlite3.Row]]]:
+def group_conversations(conversations: list[store.Row]) -> list[tuple[str, list[store.Row]]]:
     """Group the sidebar by Today / Previous 7 days / Older, in the reader's time zone."""
     zone = _reader_zone()
     today = datetime.now(zone).date()
-    groups: dict[str, list[sqlite3.Row]] = {"today": [], "week": [], "older": []}
+    groups: dict[str, list[store.Row]] = {"today": [], "week": [], "older": []}
     for conv in conversations:
         day = datetime.fromtimestamp(conv["updated_at"], zone).date()
         key = "today" if day >= today else "week" if (today - day).days <= 7 else "older"
@@ -197,8 +196,8 @@ def group_conversations(conversations: list[sqlite3.Row]) -> list[tuple[str, lis
 
 
 def _reader_zone() -> tzinfo:
-    # app.js stores the browser's IANA time zone in a cookie; UTC until it has.
-    name = request.cookies.get("tz", "")
+    # app.js stores the browser's IANA time zone in a cookie (URL-encoded); UTC until it has.
+    name = unquote(request.cookies.get("tz", ""))
     if name and len(name) < 64:
         try:
             return ZoneInfo(name)
@@ -213,7 +212,7 @@ def _sidebar() -> dict[str, Any]:
     return {"groups": group_conversations(conversations)}
 
 
-def _page(conversation: sqlite3.Row | None, messages: list[sqlite3.Row], *,
+def _page(conversation: store.Row | None, messages: list[store.Row], *,
           editing: str | None = None) -> str:
     models = backend().models()
     current_model = (conversation["model"] if conversation else "") or models[0]
@@ -232,7 +231,7 @@ def index() -> str:
     return _page(None, [])
 
 
-def _owned_conversation(cid: str) -> sqlite3.Row:
+def _owned_conversation(cid: str) -> store.Row:
     owner = current_owner()
     conv = store.get_conversation(get_db(), owner, valid_id(cid)) if owner else None
     if conv is None:
@@ -494,7 +493,7 @@ def send() -> Any:
     return response
 
 
-def _page_without_javascript(owner: str, cid: str, reply: sqlite3.Row) -> Response:
+def _page_without_javascript(owner: str, cid: str, reply: store.Row) -> Response:
     """Answer a plain form POST with the page, the reply streaming into it as HTML.
 
     Without JavaScript there is no SSE: the response itself stays open and
@@ -507,7 +506,7 @@ def _page_without_javascript(owner: str, cid: str, reply: sqlite3.Row) -> Respon
     mid = reply["id"]
     database = current_app.config["DATABASE"]
 
-    def load() -> sqlite3.Row | None:
+    def load() -> store.Row | None:
         db = store.connect(database)
         try:
             return store.get_message(db, owner, cid, mid)
@@ -541,7 +540,7 @@ def _page_without_javascript(owner: str, cid: str, reply: sqlite3.Row) -> Respon
     return Response(stream_template("chat.html", **context), mimetype="text/html")
 
 
-def _settings(conv: sqlite3.Row) -> Settings:
+def _settings(conv: store.Row) -> Settings:
     return Settings(model=conv["model"] or backend().models()[0], temperature=conv["temperature"])
 
 
@@ -559,7 +558,7 @@ class TooManyRequests(HTTPException):
         return [*super().get_headers(*args, **kwargs), ("Retry-After", str(self.retry_after))]
 
 
-def _check_rate(db: sqlite3.Connection, owner: str, address: str) -> None:
+def _check_rate(db: store.Connection, owner: str, address: str) -> None:
     """Refuse a message past the per-session or per-address limits (counted in the store)."""
     config = current_app.config
     checks = [("owner", owner, config["MESSAGES_PER_MINUTE"], config["REPLIES_IN_FLIGHT"]),
@@ -592,7 +591,7 @@ def delete(cid: str) -> Any:
 
 # Streaming ----------------------------------------------------------------
 
-def _owned_reply(cid: str, mid: str) -> tuple[str, sqlite3.Row]:
+def _owned_reply(cid: str, mid: str) -> tuple[str, store.Row]:
     owner = current_owner()
     row = store.get_message(get_db(), owner, valid_id(cid), valid_id(mid)) if owner else None
     if row is None or row["role"] != "assistant":
@@ -600,7 +599,7 @@ def _owned_reply(cid: str, mid: str) -> tuple[str, sqlite3.Row]:
     return owner or "", row
 
 
-def _history(conv: sqlite3.Row, reply: sqlite3.Row) -> list[ChatMessage]:
+def _history(conv: store.Row, reply: store.Row) -> list[ChatMessage]:
     messages = []
     if conv["system_prompt"]:
         messages.append(ChatMessage("system", conv["system_prompt"]))
@@ -630,7 +629,7 @@ def stream(cid: str, mid: str) -> Response:
     _close_db()  # the stream may last minutes: hold no connection meanwhile
     database = current_app.config["DATABASE"]
 
-    def load() -> sqlite3.Row | None:
+    def load() -> store.Row | None:
         db = store.connect(database)
         try:
             return store.get_message(db, owner, cid, mid)
@@ -656,14 +655,17 @@ def stream(cid: str, mid: str) -> Response:
         if update.kind == "ping":
             return sse.encode_comment("ping")
         if update.message is not None:
-            return sse.encode_event(update.kind, str(message_macro(update.message, cid)),
-                                    update.event_id)
+            # The page already holds the final body (the last delta): keep it.
+            final = message_macro(update.message, cid, keep_body=True)
+            return sse.encode_event(update.kind, str(final), update.event_id)
         if update.kind == sse.SNAPSHOT:
             body = snapshot_macro(mid, update.html, update.tail)
             return sse.encode_event(sse.SNAPSHOT, str(body), update.event_id)
         if update.kind == sse.DELTA:
             return sse.encode_event(sse.DELTA, str(delta_macro(mid, update.html, update.tail)),
                                     update.event_id)
+        if update.kind == sse.TEXT:
+            return sse.encode_event(sse.TEXT, str(escape(update.html)), update.event_id)
         if update.kind == sse.THINK:
             return sse.encode_event(sse.THINK, str(escape(update.html)), update.event_id)
         if update.kind == sse.STATUS:
