@@ -121,3 +121,25 @@ def test_eight_tabs_each_get_their_reply(server_factory: Any, browser: Any) -> N
             assert tab.locator("[sse-connect]").count() == 0  # finished: the stream is closed
     finally:
         context.close()
+
+
+def test_the_page_follows_new_text_until_the_reader_scrolls_up(slow_server: Server,
+                                                              browser: Any) -> None:
+    context = browser.new_context(viewport={"width": 800, "height": 420})
+    try:
+        page = context.new_page()
+        page.goto(slow_server.url + "/")
+        send(page, "a long reply in a short window")
+        scroller = page.locator("#scroller")
+        page.wait_for_function(
+            "() => { const s = document.getElementById('scroller');"
+            " return s.scrollHeight > s.clientHeight + 150; }", timeout=20_000)
+        at_bottom = "el => el.scrollHeight - el.scrollTop - el.clientHeight < 80"
+        assert scroller.evaluate(at_bottom), "the page did not follow the reply"
+        scroller.evaluate("el => { el.scrollTop = 0; el.dispatchEvent(new Event('scroll')); }")
+        height = scroller.evaluate("el => el.scrollHeight")
+        page.wait_for_function(
+            f"() => document.getElementById('scroller').scrollHeight > {height} + 40")
+        assert scroller.evaluate("el => el.scrollTop") == 0, "the page yanked the reader down"
+    finally:
+        context.close()
