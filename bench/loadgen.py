@@ -439,35 +439,41 @@ async def idle_tabs(args: argparse.Namespace) -> dict[str, Any]:
 
     Each tab loads ``/`` and keeps its keep-alive connection, as a browser does;
     the server's connections are counted with ``ss`` at once and after the
-    server's keep-alive timeout (``--settle``).
+    server's keep-alive timeout (``--settle``). Two batches of ``--streams`` tabs:
+    the second batch's memory growth tells what a tab keeps, apart from the
+    heap's first growth.
     """
     pids = process_tree(args.pid) if args.pid else []
-    rss0 = rss_bytes(pids)
-    connections = []
+    batches = []
     sse_connects = 0
-    for _ in range(args.streams):
-        reader, writer = await asyncio.open_connection(args.host, args.port)
-        status, _headers, body = await http_exchange(
-            reader, writer, f"GET / HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n\r\n".encode())
-        if status != 200:
-            raise RuntimeError(f"GET / answered {status}")
-        sse_connects += body.count(b"sse-connect=")
-        connections.append(writer)
-    await asyncio.sleep(0.5)
-    rss_loaded = rss_bytes(pids)
-    open_now = server_connections(args.port)
-    await asyncio.sleep(args.settle)
-    open_later = server_connections(args.port)
-    rss_later = rss_bytes(pids)
-    for writer in connections:
-        writer.close()
+    rss = rss_bytes(pids)
+    for _ in range(2):
+        connections = []
+        for _ in range(args.streams):
+            reader, writer = await asyncio.open_connection(args.host, args.port)
+            status, _headers, body = await http_exchange(
+                reader, writer,
+                f"GET / HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n\r\n".encode())
+            if status != 200:
+                raise RuntimeError(f"GET / answered {status}")
+            sse_connects += body.count(b"sse-connect=")
+            connections.append(writer)
+        await asyncio.sleep(0.5)
+        open_now = server_connections(args.port)
+        await asyncio.sleep(args.settle)
+        open_later = server_connections(args.port)
+        rss_later = rss_bytes(pids)
+        for writer in connections:
+            writer.close()
+        batches.append({"tabs": args.streams, "server_connections_after_load": open_now,
+                        "server_connections_after_keepalive": open_later,
+                        "rss_before_mb": round(rss / 2**20, 2),
+                        "rss_after_mb": round(rss_later / 2**20, 2),
+                        "rss_per_tab_kb": round((rss_later - rss) / args.streams / 1024, 2)})
+        rss = rss_later
     return {"config": {"target": "idle", "tabs": args.streams, "port": args.port},
             "tabs": args.streams, "sse_connect_in_pages": sse_connects,
-            "server_connections_after_load": open_now,
-            "server_connections_after_keepalive": open_later, "waited_s": args.settle + 0.5,
-            "rss_before_mb": round(rss0 / 2**20, 2), "rss_loaded_mb": round(rss_loaded / 2**20, 2),
-            "rss_after_keepalive_mb": round(rss_later / 2**20, 2),
-            "rss_per_idle_tab_kb": round((rss_later - rss0) / args.streams / 1024, 2)}
+            "waited_s": args.settle + 0.5, "batches": batches}
 
 
 def server_connections(port: int) -> int:

@@ -386,15 +386,22 @@ def idle_section(doc: dict[str, Any]) -> list[str]:
     idle = doc.get("idle")
     if not idle:
         return []
-    return [f"{idle['tabs']:,} tabs loaded `/` and kept their keep-alive connections open. "
-            f"`sse-connect` in the pages: {idle['sse_connect_in_pages']}. Established "
-            f"connections on the server's port (`ss -tn`): {idle['server_connections_after_load']:,} "
-            f"right after loading (the keep-alive connections), "
-            f"{idle['server_connections_after_keepalive']:,} after {idle['waited_s']:g} s (past "
-            "gunicorn's 5 s keep-alive). Worker RSS grew from "
-            f"{idle['rss_before_mb']} MB to {idle['rss_after_keepalive_mb']} MB: "
-            f"{fmt(idle['rss_per_idle_tab_kb'])} KB per idle tab (allocator growth while "
-            "serving the pages; nothing is held per tab).", ""]
+    if "error" in idle:
+        return [f"Not measured: {idle['error']}", ""]
+    b1, b2 = idle["batches"]
+    return [f"Two batches of {idle['tabs']:,} tabs each loaded `/` (no reply streaming) and "
+            f"kept their keep-alive connections open; `sse-connect` in the "
+            f"{2 * idle['tabs']:,} pages: {idle['sse_connect_in_pages']}. Established "
+            "connections on the server's port (`ss -tn`) right after each batch: "
+            f"{b1['server_connections_after_load']:,} and {b2['server_connections_after_load']:,}"
+            f" (the keep-alive connections); {idle['waited_s']:g} s later (past gunicorn's 5 s "
+            f"keep-alive): {b1['server_connections_after_keepalive']:,} and "
+            f"{b2['server_connections_after_keepalive']:,}. So an idle tab holds no connection.",
+            "",
+            f"Worker RSS: {b1['rss_before_mb']} MB -> {b1['rss_after_mb']} MB after the first "
+            f"batch ({fmt(b1['rss_per_tab_kb'])} KB per tab: mostly the heap's first growth), "
+            f"-> {b2['rss_after_mb']} MB after the second ({fmt(b2['rss_per_tab_kb'])} KB per "
+            "tab: what an idle tab costs the worker once the heap is warm).", ""]
 
 
 def render(doc: dict[str, Any], source: Path) -> str:

@@ -16,6 +16,7 @@ from babel.messages.pofile import read_po
 from werkzeug import exceptions
 
 from webchat import create_app, i18n, views
+from webchat.runs import Update
 
 from .conftest import ROOT, Server, csrf_of, screenshot
 
@@ -153,6 +154,24 @@ def test_the_reply_footer_is_localised_with_its_time(client: Any) -> None:
     english = client.get(url).get_data(as_text=True)
     assert re.search(r" tokens?</span>", english) and "tok/s" in english
     assert re.search(r"<time [^>]+>\d{1,2}:\d\d\s[AP]M</time>", english)
+
+
+def test_the_streams_status_and_failure_are_translated(app: Any, client: Any,
+                                                     monkeypatch: Any) -> None:
+    url = start_turn(client, headers=CHINESE)
+    runner = app.extensions["webchat.runner"]
+
+    def tail(_mid: str, _load: Any) -> Iterator[Update]:
+        yield Update("status", "queued", "1")
+        raise RuntimeError("the run broke")
+
+    monkeypatch.setattr(runner, "claim_and_start", lambda *args: True)
+    monkeypatch.setattr(runner, "tail", tail)
+    body = client.get(url, headers=CHINESE).get_data(as_text=True)
+    assert "event: status\nid: 1\ndata: 排队中：正在等待模型…" in body
+    assert "数据流中断了。请刷新页面查看回复。" in body
+    english = client.get(url).get_data(as_text=True)
+    assert "data: Queued: waiting for the model…" in english
 
 
 def test_times_are_in_the_readers_language_and_zone(app: Any) -> None:

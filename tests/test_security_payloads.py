@@ -269,6 +269,19 @@ def test_hostile_user_input_stays_text(server: Server, page: Any) -> None:
     watch.check(page, "in search results", min_messages=0)
     assert not page.console_errors, page.console_errors
 
+    # The checks can fail: what an unsanitized payload would leave behind is caught.
+    page.goto(server.url + "/search?q=pwned")
+    page.evaluate("""() => {
+        const box = document.createElement("div");
+        box.className = "msg";
+        box.innerHTML = '<div class="text"><img src="/static/none.png" ' +
+                        'onerror="window.pwned=1"></div>';
+        document.body.append(box);
+    }""")
+    page.wait_for_timeout(200)
+    with pytest.raises(AssertionError, match="holds elements|tag <img>|handler|CSP"):
+        watch.check(page, "self-test", min_messages=0)
+
 
 @pytest.mark.e2e
 def test_hostile_model_output_is_inert_while_streaming_and_after(server: Server,

@@ -2,11 +2,14 @@
 
 Flask-Babel translates the templates' ``_()`` / ``ngettext()``, the views' messages and
 the stream's status texts, and formats numbers and times for the reader. The catalogs
-live in ``translations/``; the compiled ``.mo`` files are committed beside the ``.po``
-files (nothing builds them on deploy): after editing a ``.po`` run
-``pybabel compile -d translations``, and after changing interface text
-``pybabel extract -F babel.cfg -o messages.pot . && pybabel update -i messages.pot
--d translations`` first. ``tests/test_i18n.py`` checks both were done.
+live in ``translations/``, each compiled ``.mo`` committed beside its ``.po`` (nothing
+builds them on deploy). After changing interface text (``tests/test_i18n.py`` fails
+until this is done)::
+
+    pybabel extract -F babel.cfg --no-location -o /tmp/messages.pot .
+    pybabel update -i /tmp/messages.pot -d translations --ignore-obsolete --no-fuzzy-matching
+    # translate the new entries in translations/zh_Hans/LC_MESSAGES/messages.po, then
+    pybabel compile -d translations
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
-from flask import Blueprint, Flask, Response, redirect, request
+from flask import Blueprint, Flask, Response, has_request_context, redirect, request
 from flask_babel import (
     Babel,
     format_datetime,
@@ -88,6 +91,8 @@ def init_app(app: Flask) -> None:
 
 def select_language() -> str:
     """Return the catalog for this request: the switch's cookie, else Accept-Language."""
+    if not has_request_context():
+        return DEFAULT_LANGUAGE
     choice = request.cookies.get(LANG_COOKIE, "")
     if choice in LANGUAGES:
         return choice
@@ -121,7 +126,7 @@ def best_language(accepted: Iterable[tuple[str, float]]) -> str:
 
 def select_timezone() -> tzinfo:
     """Return the reader's time zone (the browser's, from the ``tz`` cookie; else UTC)."""
-    return views._reader_zone()
+    return views._reader_zone() if has_request_context() else UTC
 
 
 def current_language() -> str:

@@ -275,7 +275,7 @@ class Runner:
         seen = run.version if run is not None else -1
         snapshot_blocks, snapshot_tail, _ = renderer.feed_growing(content)
         event_id = _event_id(content, reasoning)
-        yield Update("snapshot", "".join(snapshot_blocks), event_id, tail=snapshot_tail)
+        yield Update("snapshot", "".join(snapshot_blocks), event_id, tail=snapshot_tail or "")
         if reasoning:
             yield Update("think", reasoning, event_id)
         if queued:
@@ -296,6 +296,10 @@ class Runner:
                     content, reasoning, queued = run.content, run.reasoning, run.queued
                     final = False
                 else:
+                    # Its end is being saved (a PostgreSQL write yields to this greenlet):
+                    # read the row once it is there.
+                    while self.runs.get(message_id) is run:
+                        run.changed.wait(timeout=1.0)
                     run = None
                     row = load()
                     if row is None:
@@ -328,8 +332,8 @@ class Runner:
             if final:
                 # Bring the body to its final form with one last delta, so that the
                 # closing event need not carry the whole reply again.
-                blocks, tail_html = renderer.feed(content)
-                yield Update("delta", "".join(blocks), event_id, tail=tail_html)
+                last_blocks, last_tail = renderer.feed(content)
+                yield Update("delta", "".join(last_blocks), event_id, tail=last_tail)
                 yield Update("error" if row["status"] == "error" else "done", event_id=event_id,
                              message=row)
                 return

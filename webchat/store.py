@@ -23,6 +23,7 @@ Caveats:
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import math
@@ -309,8 +310,18 @@ def _pool(url: str) -> ConnectionPool[Any]:
         except PoolTimeout:
             pool.close()
             raise _connection_error(url) from None
+        if not _pools:
+            atexit.register(_close_pools, os.getpid())
         _pools[url] = pool
         return pool
+
+
+def _close_pools(pid: int) -> None:
+    # At exit, while threads (greenlets) can still be joined: a pool left to the
+    # garbage collector complains when it is finalized.
+    if pid == os.getpid():
+        for url in list(_pools):
+            close_pool(url)
 
 
 def _connection_error(url: str) -> Exception:
