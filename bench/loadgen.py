@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import html
 import json
 import os
@@ -187,7 +188,7 @@ class SSEProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        transport.write(self.request)
+        transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
@@ -199,7 +200,7 @@ class SSEProtocol(asyncio.Protocol):
             self._parse_head(self.head[:end], now)
             data, self.head = self.head[end + 4:], b""
             if not self.s.established:
-                self._close("status %d" % self.s.status)
+                self._close(f"status {self.s.status}")
                 return
         if self.chunked:
             data = self._dechunk(data)
@@ -286,9 +287,8 @@ class SSEProtocol(asyncio.Protocol):
                     self.data_parts.append(value)
                 elif name == b"event":
                     self.event_type = value
-                elif name == b"id":
-                    if b"\x00" not in value:
-                        self.last_id = value
+                elif name == b"id" and b"\x00" not in value:
+                    self.last_id = value
                 # retry and unknown fields: nothing to measure
 
     def _dispatch(self, now: float) -> None:
@@ -335,14 +335,14 @@ async def run_stream(loop: asyncio.AbstractEventLoop, host: str, port: int, path
     try:
         await asyncio.wait_for(loop.create_connection(lambda: protocol, host, port),
                                timeout=max(0.1, deadline - time.monotonic()))
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         stream.error = f"connect: {type(exc).__name__}"
         stream.end = time.monotonic()
         return
     try:
         await asyncio.wait_for(asyncio.shield(protocol.finished),
                                timeout=max(0.1, deadline - time.monotonic()))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         stream.error = stream.error or "timeout"
         if protocol.transport is not None:
             protocol.transport.abort()
@@ -370,7 +370,7 @@ async def http_exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
             chunked = True
     if not chunked:
         return status, headers, await reader.readexactly(length)
-    body = []
+    body: list[bytes] = []
     while True:
         size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
         if size == 0:
@@ -505,15 +505,35 @@ def token_ends(source: str) -> list[int]:
     return ends
 
 
-def summarize(streams: list[Stream], rate: float) -> dict[str, Any]:
-    """Aggregate what the streams saw."""
+def demo_text(message: str) -> str | None:
+    """Return the demo backend's reply to ``message`` (when done carries no source)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        from webchat.backends.base import ChatMessage
+        from webchat.backends.demo import demo_reply
+    except ImportError:
+        return None
+    return demo_reply([ChatMessage("user", message)])
+
+
+def summarize(streams: list[Stream], rate: float, fallback_text: str | None = None
+              ) -> dict[str, Any]:
+    """Aggregate what the streams saw.
+
+    The reply's text (to map event ids to tokens) comes from a ``done`` event's
+    source, else from ``fallback_text``.
+    """
     ends: list[int] | None = None
+    text_from = "none"
     for s in streams:
         if s.done and s.final_data:
             match = SOURCE_RE.search(s.final_data.decode("utf-8", "replace"))
             if match:
                 ends = token_ends(html.unescape(match.group(1)))
+                text_from = "done event"
                 break
+    if ends is None and fallback_text:
+        ends, text_from = token_ends(fallback_text), "demo backend"
     total_tokens = len(ends) if ends else 0
     ttfe, gaps, lags, request_lags, headers_at = [], [], [], [], []
     errors: dict[str, int] = {}
@@ -565,6 +585,7 @@ def summarize(streams: list[Stream], rate: float) -> dict[str, Any]:
         "failed": len(streams) - completed, "statuses": statuses, "errors": errors,
         "events": events, "event_names": names, "body_bytes": body,
         "tokens_per_reply": total_tokens, "tokens_delivered": delivered,
+        "reply_text_from": text_from,
         "bytes_per_event": round(body / events, 1) if events else None,
         "time_to_headers_ms": quantiles(headers_at), "first_event_ms": quantiles(ttfe),
         "gap_ms": quantiles(all_gaps), "lag_ms": quantiles(all_lags),
@@ -579,10 +600,8 @@ async def sample_server(pids: list[int], live: list[int], samples: list[list[flo
                         stop: asyncio.Event, every: float = 0.25) -> None:
     while not stop.is_set():
         samples.append([time.monotonic(), rss_bytes(pids), cpu_seconds(pids), live[0]])
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
-        except asyncio.TimeoutError:
-            pass
 
 
 async def watch_loop(lags: list[float], stop: asyncio.Event, every: float = 0.01) -> None:
@@ -677,7 +696,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     missing = users * repeat - len(streams)  # tabs whose setup failed never streamed
     streams.extend(Stream(-1, error="setup failed") for _ in range(missing))
 
-    summary = summarize(streams, args.rate)
+    fallback = demo_text(args.message) if args.target == "webchat" else None
+    summary = summarize(streams, args.rate, fallback)
     result.update(summary)
     tokens = summary["tokens_delivered"]
     peak = max(samples, key=lambda s: (s[3], s[1])) if samples else [0, 0, 0, 0]

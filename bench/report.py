@@ -73,7 +73,21 @@ def others(r: dict[str, Any]) -> float | None:
     busy = r.get("core_busy_pct") or {}
     if "cpu0" not in busy or r.get("server_cpu_pct") is None:
         return None
-    return max(0.0, busy["cpu0"] - r["server_cpu_pct"])
+    return max(0.0, float(busy["cpu0"]) - float(r["server_cpu_pct"]))
+
+
+def contended(r: dict[str, Any], limit: float = 20.0) -> bool:
+    """Tell whether other processes took more than ``limit`` % of the server's core."""
+    other = others(r)
+    return other is not None and other > limit
+
+
+def cpu_capacity(r: dict[str, Any], share: float = 0.8) -> int | None:
+    """Return the streams ``share`` of a core would carry at this run's CPU per token."""
+    cpu = r.get("server_cpu_s_per_1k_tokens")
+    if not cpu:
+        return None
+    return int(share * 1000 / (cpu * r["config"]["rate"]))
 
 
 # Profile ----------------------------------------------------------------------------
@@ -207,7 +221,8 @@ def grid_tables(doc: dict[str, Any]) -> list[str]:
                 floor_cpu = floor.get("server_cpu_s_per_1k_tokens") if floor else None
                 lines.append(
                     f"| {server} | {n:,} | {r['completed']:,} / {r['streams']:,} "
-                    f"| {fmt(q(r, 'first_event_ms', 'p50'))} / {fmt(q(r, 'first_event_ms', 'p99'))} "
+                    f"| {fmt(q(r, 'first_event_ms', 'p50'))} / "
+                    f"{fmt(q(r, 'first_event_ms', 'p99'))} "
                     f"| {fmt(q(r, 'gap_ms', 'p50'))} / {fmt(q(r, 'gap_ms', 'p99'))} / "
                     f"{fmt(q(r, 'gap_ms', 'max'))} "
                     f"| {fmt(q(r, 'lag_ms', 'p50'))} / {fmt(q(r, 'lag_ms', 'p99'))} "
@@ -215,7 +230,8 @@ def grid_tables(doc: dict[str, Any]) -> list[str]:
                     f"| {fmt(cpu, 3)} ({ratio(cpu, floor_cpu)}) "
                     f"| {fmt(r.get('server_cpu_pct'))}% "
                     f"| {fmt(r.get('rss_per_open_stream_kb'))} KB "
-                    f"| {fmt(r.get('client_cpu_pct'))}% | {fmt(others(r))}% |")
+                    f"| {fmt(r.get('client_cpu_pct'))}% | {fmt(others(r))}%"
+                    f"{' †' if contended(r) else ''} |")
         lines.append("")
     return lines
 
@@ -250,23 +266,33 @@ def capacity_table(doc: dict[str, Any]) -> list[str]:
              f"lag p99 <= {crit['lag_p99_ms']:g} ms and first event p99 <= "
              f"{crit['first_event_p99_ms']:g} ms (grid points plus a bisection between the "
              "last pass and the first fail).", "",
-             "| server | sustainable streams | first failing N | Ns tried (pass/fail) |",
-             "|---|---:|---:|---|"]
+             "The last column is a CPU-only estimate that other load on the machine does not "
+             "move: the streams 80% of a core would carry at the CPU per token measured at "
+             "N = 1,000 (it ignores time the worker spends blocked, e.g. on SQLite).", "",
+             "| server | sustainable streams | first failing N | Ns tried (pass/fail) "
+             "| CPU-only estimate |",
+             "|---|---:|---:|---|---:|"]
     for c in caps:
         tried = ", ".join(f"{int(n):,} {'pass' if ok else 'fail'}" for n, ok in
                           sorted(c["tried"].items(), key=lambda item: int(item[0])))
         cap = f"{c['sustainable_streams']:,}" + (" (all tried passed)" if c["capped_by_grid"]
                                                   else "")
         first = f"{c['first_failing']:,}" if c["first_failing"] else "–"
-        lines.append(f"| {c['server']} | {cap} | {first} | {tried} |")
+        at = find(doc["grid"], c["server"], 1000, 20.0)
+        estimate = cpu_capacity(at) if at and "error" not in at else None
+        lines.append(f"| {c['server']} | {cap} | {first} | {tried} | {fmt(estimate)} |")
     lines.append("")
     for c in caps:
         for r in c["runs"]:
+            if "error" in r:
+                lines.append(f"- search run {r['server']} N={r['streams']:,}: {r['error']}")
+                continue
             lines.append(f"- search run {r['server']} N={r['streams']:,}: completed "
                          f"{r.get('completed')}/{r['streams']}, first event p99 "
                          f"{fmt(q(r, 'first_event_ms', 'p99'))} ms, lag p99 "
                          f"{fmt(q(r, 'lag_ms', 'p99'))} ms, server CPU "
-                         f"{fmt(r.get('server_cpu_pct'))}%")
+                         f"{fmt(r.get('server_cpu_pct'))}%, others on core 0 "
+                         f"{fmt(others(r))}%{' †' if contended(r) else ''}")
     return lines + [""]
 
 
@@ -415,6 +441,9 @@ def render(doc: dict[str, Any], source: Path) -> str:
              f"`{(env.get('webchat_commit') or '?')[:12]}` (plus whatever was uncommitted). "
              f"Servers pinned to core 0, load generator to core 1: {doc['pinned']}. "
              f"Versions: {versions}.", "",
+             "† marks a run where other processes (other people's tests on this shared "
+             "machine) took more than 20% of the server's core: its latencies and capacity "
+             "are pessimistic; CPU per token and memory are much less affected.", "",
              "### Goals", ""]
     lines += goals(doc)
     lines += ["### Sustainable streams", ""]

@@ -27,6 +27,7 @@ harness stops only the processes it started, by PID.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -81,7 +82,8 @@ class Server:
     """One server process tree started by the harness (and stopped by it, by PID)."""
 
     def __init__(self, name: str, rate: float, workdir: Path, core: int | None,
-                 db_dir: str = "") -> None:
+                 db_dir: str = "", app: str = "webchat:create_app()", pythonpath: str = ""
+                 ) -> None:
         self.name = name
         self.port = free_port()
         self.log_path = LOGS / f"{name}-{self.port}.log"
@@ -99,12 +101,16 @@ class Server:
                 "WEBCHAT_MESSAGES_PER_MINUTE": "1000000000",
                 "WEBCHAT_REPLIES_IN_FLIGHT": "1000000000",
             })
+            if pythonpath:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath,
+                                                                  env.get("PYTHONPATH")]))
             argv = [sys.executable, "-m", "gunicorn", "-c", "python:webchat.gunicorn_conf",
-                    "--workers", "1", "--bind", f"127.0.0.1:{self.port}", "webchat:create_app()"]
+                    "--workers", "1", "--bind", f"127.0.0.1:{self.port}", app]
         elif name == "flask_min":
-            argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "4000",
-                    "--workers", "1", "--chdir", str(BENCH / "peers"),
-                    "--bind", f"127.0.0.1:{self.port}", "flask_min:app"]
+            argv = [sys.executable, "-m", "gunicorn", "-k", "gevent",
+                    "--worker-connections", "4000", "--workers", "1",
+                    "--chdir", str(BENCH / "peers"), "--bind", f"127.0.0.1:{self.port}",
+                    "flask_min:app"]
         elif name == "fastapi_sse":
             argv = [sys.executable, "-m", "uvicorn", "fastapi_sse:app", "--app-dir",
                     str(BENCH / "peers"), "--host", "127.0.0.1", "--port", str(self.port),
@@ -144,19 +150,13 @@ class Server:
         known = sorted(set(tree) | set(self.pids))
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=8)
-            except subprocess.TimeoutExpired:
-                pass
         for pid in known:  # only what this harness started
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         self.log_file.close()
         text = self.log_path.read_text(encoding="utf-8", errors="replace")
         exceptions: dict[str, int] = {}
@@ -243,11 +243,16 @@ def wait_quiet(limit: float, threshold: float = 15.0) -> dict[str, Any]:
 def measure(name: str, streams: int, rate: float, opts: argparse.Namespace, workdir: Path, *,
             repeat: int = 1, coalesce_ms: float = 0.0, profile: bool = False) -> dict[str, Any]:
     """Start a fresh server, warm it up, load it, stop it; return the load's result."""
-    quiet = wait_quiet(opts.quiet_wait) if opts.quiet_wait else {}
+    quiet: dict[str, Any] = {}
+    if opts.quiet_wait and opts.quiet_budget > 0:
+        quiet = wait_quiet(min(opts.quiet_wait, opts.quiet_budget))
+        opts.quiet_budget -= quiet["waited_s"]
     started = time.monotonic()
     try:
-        return _measure(name, streams, rate, opts, workdir, repeat=repeat,
-                        coalesce_ms=coalesce_ms, profile=profile, started=started)
+        result = _measure(name, streams, rate, opts, workdir, repeat=repeat,
+                          coalesce_ms=coalesce_ms, profile=profile, started=started)
+        result["machine"] = quiet
+        return result
     except RuntimeError as exc:  # one broken configuration does not end the run
         log(f"{name} N={streams} R={rate:g}: {exc}")
         return {"server": name, "streams": streams * repeat, "completed": 0,
@@ -257,7 +262,8 @@ def measure(name: str, streams: int, rate: float, opts: argparse.Namespace, work
 
 def _measure(name: str, streams: int, rate: float, opts: argparse.Namespace, workdir: Path, *,
              repeat: int, coalesce_ms: float, profile: bool, started: float) -> dict[str, Any]:
-    server = Server(name, rate, workdir, opts.server_core, opts.db_dir)
+    server = Server(name, rate, workdir, opts.server_core, opts.db_dir, opts.webchat_app,
+                    opts.pythonpath)
     try:
         server.wait_ready()
         # Warm-up: imports, templates, JIT, first allocations; not measured.
@@ -306,7 +312,6 @@ def _measure(name: str, streams: int, rate: float, opts: argparse.Namespace, wor
         result_log = server.stop()
     result["server"] = name
     result["server_log"] = result_log
-    result["machine"] = quiet
     result["measure_seconds"] = round(time.monotonic() - started, 1)
     if not opts.keep_samples:
         result.pop("samples", None)
@@ -342,7 +347,7 @@ def environment() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("flask", "werkzeug", "jinja2", "gunicorn", "gevent", "greenlet", "fastapi",
                     "starlette", "sse-starlette", "uvicorn", "uvloop", "httptools",
                     "markdown-it-py", "nh3", "numpy", "matplotlib", "py-spy"):
@@ -426,21 +431,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fast-repeat", type=int, default=10,
                         help="replies each of the 100 fast-model users streams back to back")
     parser.add_argument("--no-grid", action="store_true", help="skip the N x R grid")
-    parser.add_argument("--quiet-wait", type=float, default=60.0,
+    parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each run, wait up to this many seconds for the machine's "
                              "other load to drop under 15%% per core (0: do not wait)")
+    parser.add_argument("--quiet-budget", type=float, default=240.0,
+                        help="at most this many seconds of such waiting in the whole run")
     parser.add_argument("--keep-collapsed", action="store_true",
                         help="also run a larger N for a server that completed under half its "
                              "streams at a smaller N and the same R (skipped by default)")
     parser.add_argument("--no-fast", action="store_true")
     parser.add_argument("--no-idle", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
-    parser.add_argument("--profile-streams", type=int, default=1000)
+    parser.add_argument("--profile-streams", type=int, default=300,
+                        help="webchat's streams (R=20) while py-spy samples its worker")
     parser.add_argument("--profile-seconds", type=int, default=8)
     parser.add_argument("--profile-delay", type=float, default=3.0)
     parser.add_argument("--db-dir", default="",
                         help="where webchat's SQLite files go (default: a temporary folder "
                              "under /tmp; /dev/shm takes the disk out)")
+    parser.add_argument("--webchat-app", default="webchat:create_app()",
+                        help="the WSGI app gunicorn serves as webchat (for what-if experiments)")
+    parser.add_argument("--pythonpath", default="",
+                        help="a folder put first on webchat's PYTHONPATH (with --webchat-app)")
     parser.add_argument("--keep-samples", action="store_true",
                         help="keep the 4 Hz server samples in the JSON")
     parser.add_argument("--no-report", action="store_true",
@@ -523,9 +535,10 @@ def main() -> None:
                     log(brief(result))
                     save()
         if not opts.no_idle and "webchat" in servers:
-            if opts.quiet_wait:
-                wait_quiet(opts.quiet_wait)
-            server = Server("webchat", 20.0, workdir, opts.server_core, opts.db_dir)
+            if opts.quiet_wait and opts.quiet_budget > 0:
+                opts.quiet_budget -= wait_quiet(min(opts.quiet_wait, opts.quiet_budget))["waited_s"]
+            server = Server("webchat", 20.0, workdir, opts.server_core, opts.db_dir,
+                            opts.webchat_app, opts.pythonpath)
             try:
                 server.wait_ready()
                 tabs = 50 if opts.quick else 300

@@ -25,6 +25,31 @@ fi
 python3 -m pip install --quiet --upgrade pip
 python3 -m pip install --quiet -e '.[test]'
 
+# PostgreSQL: the store and multi-instance tests also run against a real server. Use
+# WEBCHAT_TEST_POSTGRES_URL if set; else a local server on 127.0.0.1:5432 (started here
+# when it is installed but stopped and we are root); else those tests are skipped.
+if [ -z "${WEBCHAT_TEST_POSTGRES_URL:-}" ]; then
+  local_pg="postgresql://postgres@127.0.0.1:5432/test"
+  if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && [ -d /etc/postgresql ] \
+      && [ "$(id -u)" -eq 0 ] && command -v pg_ctlcluster >/dev/null; then
+    pg_version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    echo "tests/run.sh: PostgreSQL $pg_version is installed but stopped: starting it"
+    pg_ctlcluster --skip-systemctl-redirect "$pg_version" main start || true
+    for _ in $(seq 20); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
+  fi
+  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && python3 -c \
+      "import psycopg, sys; psycopg.connect(sys.argv[1], connect_timeout=5).close()" \
+      "$local_pg" 2>/dev/null; then
+    export WEBCHAT_TEST_POSTGRES_URL="$local_pg"
+    echo "tests/run.sh: PostgreSQL tests use the local server: $local_pg"
+  else
+    echo "tests/run.sh: no usable PostgreSQL at 127.0.0.1:5432 ($local_pg):" \
+         "the PostgreSQL tests will be SKIPPED. Set WEBCHAT_TEST_POSTGRES_URL to run them."
+  fi
+else
+  echo "tests/run.sh: PostgreSQL tests use the server in WEBCHAT_TEST_POSTGRES_URL"
+fi
+
 # axe-core, injected into pages by the accessibility tests.
 if [ ! -f tests/node_modules/axe-core/axe.min.js ]; then
   (cd tests && npm install --no-audit --no-fund --silent)

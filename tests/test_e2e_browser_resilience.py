@@ -74,7 +74,8 @@ def test_reload_mid_reply_resumes_and_completes(slow_server: Server, page: Any) 
     page.reload()
     reply = page.locator(".msg.assistant")
     assert reply.get_attribute("aria-busy") == "true"
-    assert len(reply.locator(".body").text_content()) > 60  # the text so far, at once
+    # The text so far is there at once (from the store's last checkpoint, <= 0.5 s old).
+    assert len(reply.locator(".body").text_content()) > 20
     done = page.locator(".msg.assistant[data-status=complete]")
     done.wait_for(timeout=30_000)
     expected = demo_reply([ChatMessage("user", "reload in the middle")])
@@ -116,7 +117,9 @@ def test_eight_tabs_each_get_their_reply(server_factory: Any, browser: Any) -> N
                 states = [(t.locator(".msg").count(), t.locator("#form-error").inner_text(),
                            t.locator(".msg.assistant").evaluate_all(
                                "els => els.map(e => e.dataset.status)")) for t in tabs]
-                raise AssertionError(f"tab {number} never completed: {states}") from exc
+                streams = [line for line in server.log_text().splitlines() if "/stream" in line]
+                raise AssertionError(f"tab {number} never completed: {states}\n"
+                                     + "\n".join(streams[-30:])) from exc
             assert f"tab number {number}" in done.locator(".body").text_content()
             assert tab.locator("[sse-connect]").count() == 0  # finished: the stream is closed
     finally:

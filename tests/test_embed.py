@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import http.server
+import re
 import threading
 from collections.abc import Callable, Iterator
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,6 @@ from webchat.embed import with_frame_ancestors
 from webchat.render import render_markdown
 
 from .conftest import CHROMIUM, CHROMIUM_ARGS, Server, csrf_of, screenshot
-from .test_e2e_chat import text_of
 
 HOST_ORIGIN = "https://intranet.example.com"
 
@@ -27,6 +28,11 @@ def make_app(tmp_path: Path, **config: Any) -> Any:
     return create_app({"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
                        "BACKEND": "demo", "DEMO_TOKENS_PER_SECOND": 5000.0, "COALESCE_MS": 1,
                        **config})
+
+
+def text_of(html: str) -> str:
+    """Return the text a browser shows for ``html`` (tags dropped, entities decoded)."""
+    return unescape(re.sub(r"<[^>]+>", "", html))
 
 
 def cookie_headers(response: Any) -> list[str]:
@@ -120,14 +126,22 @@ def test_the_embed_and_main_sessions_do_not_mix(tmp_path: Path) -> None:
 
 def test_embed_page_options_are_validated(tmp_path: Path) -> None:
     client = make_app(tmp_path, EMBED_ORIGINS=[HOST_ORIGIN]).test_client()
-    html = client.get("/embed?theme=dark&color=%23aa0000&lang=de-CH&sidebar=1").get_data(
+    html = client.get("/embed?theme=dark&color=%23aa0000&lang=zh-Hans&sidebar=1").get_data(
         as_text=True)
-    assert '<html lang="de-CH" data-theme="dark">' in html
+    html_tag = re.search(r"<html[^>]*>", html)
+    assert html_tag and 'lang="zh-Hans"' in html_tag[0] and 'data-theme="dark"' in html_tag[0]
+    assert ">发送<" in html  # the language of the host's choice, not the browser's
+    assert '"Accept-Language": "zh-Hans"' in html  # and so are the page's htmx requests
     assert 'class="embed with-sidebar"' in html
     assert f'data-embed-origins="{HOST_ORIGIN}"' in html
     assert "color=%23aa0000" in html
     html = client.get('/embed?theme=x&color=red;x&lang="><b>&sidebar=2').get_data(as_text=True)
-    assert '<html lang="en">' in html and 'class="embed"' in html and "<b>" not in html
+    html_tag = re.search(r"<html[^>]*>", html)
+    assert html_tag and 'lang="en"' in html_tag[0] and "data-theme" not in html_tag[0]
+    assert 'class="embed"' in html and "<b>" not in html and "Accept-Language" not in html
+    # A language without a catalog gets English.
+    html = client.get("/embed?lang=de").get_data(as_text=True)
+    assert re.search(r'<html[^>]*lang="en"', html) and ">Send<" in html
     assert 'id="sidebar"' not in html  # no sidebar unless asked
 
 
@@ -284,14 +298,15 @@ def test_host_page_steers_the_chat_and_only_allowed_origins_are_heard(
     site = host_site()
     server = server_factory(env={"WEBCHAT_EMBED_ORIGINS": site.origin})
     site.pages["/"] = snippet(server, open="true", position="bottom-left", theme="light",
-                              lang="de")
+                              lang="zh-Hans")
     page.goto(site.origin + "/")
     panel = page.locator("[data-webchat] .panel")
     panel.wait_for()  # data-open="true": open on load
     frame = page.frame_locator("[data-webchat] iframe")
     frame.locator(".composer").wait_for()
     inner = page.frames[1]
-    assert inner.evaluate("document.documentElement.lang") == "de"
+    assert inner.evaluate("document.documentElement.lang") == "zh-Hans"
+    assert frame.locator("button.send").text_content() == "发送"
     assert inner.evaluate("document.documentElement.dataset.theme") == "light"
     assert frame.locator("#sidebar").count() == 0
 

@@ -445,7 +445,7 @@ def test_hang_before_headers_times_out_and_hangs_up(up: Upstream) -> None:
     started = time.monotonic()
     seen = consume(backend(up.url, first_token_timeout=0.5).stream(MESSAGES, Settings()))
 
-    assert 0.4 < time.monotonic() - started < 1.5
+    assert 0.4 < time.monotonic() - started < 3.0  # generous: the machine may be busy
     assert seen.error is not None and "sent no reply within 0.5 s" in seen.error.message
     assert up.wait_request(0).disconnected.wait(1.0)
 
@@ -456,7 +456,7 @@ def test_keepalive_comments_do_not_count_as_a_first_token(up: Upstream) -> None:
     started = time.monotonic()
     seen = consume(backend(up.url, first_token_timeout=0.6).stream(MESSAGES, Settings()))
 
-    assert 0.5 < time.monotonic() - started < 1.5
+    assert 0.5 < time.monotonic() - started < 3.0  # generous: the machine may be busy
     assert seen.error is not None and "sent no reply within 0.6 s" in seen.error.message
     assert up.wait_request(0).disconnected.wait(1.0)
 
@@ -470,7 +470,7 @@ def test_stall_mid_stream_keeps_the_text_before_it(up: Upstream) -> None:
     chat = backend(up.url, first_token_timeout=5.0, read_timeout=0.5)
     seen = consume(chat.stream(MESSAGES, Settings()))
 
-    assert 0.4 < time.monotonic() - started < 1.5
+    assert 0.4 < time.monotonic() - started < 3.0  # generous: the machine may be busy
     assert seen.text == expected_from(body[:stall_at]).text == "The capital of the UK"
     assert seen.error is not None and "stopped sending for 0.5 s" in seen.error.message
     assert up.wait_request(0).disconnected.wait(1.0)
@@ -488,7 +488,7 @@ def test_total_timeout_cuts_a_slow_reply_off(up: Upstream) -> None:
     started = time.monotonic()
     seen = consume(backend(up.url, total_timeout=0.8).stream(MESSAGES, Settings()))
 
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 3.0  # generous: the machine may be busy
     assert seen.error is not None and "longer than 0.8 s" in seen.error.message
     assert seen.text and generated_text(100).startswith(seen.text)
 

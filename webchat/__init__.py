@@ -29,6 +29,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
     _configure_logging(app.config["LOG_LEVEL"])
+    from . import ops
+    ops.init_app(app)  # JSON logs from here on; ProxyFix, request ids, /metrics
     os.makedirs(app.instance_path, exist_ok=True)
     app.config["SECRET_KEY"] = _secret_key(app)
     app.config["DATABASE"] = _database_path(app)
@@ -61,11 +63,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from . import views
     views.init_app(app)
-    from . import embed, i18n, identity, ops
+    from . import embed, i18n, identity
     i18n.init_app(app)  # Flask-Babel: the templates' _() and ngettext(), numbers, times
     identity.init_app(app)
     embed.init_app(app)
-    ops.init_app(app)
     logger.info("webchat ready: backend %s, models %s, store %s", backend.name,
                 ", ".join(backend.models()), store.describe(app.config["DATABASE"]))
     return app

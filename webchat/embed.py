@@ -10,6 +10,7 @@ chat keeps its session in a cookie of its own, ``SameSite=None; Secure; Partitio
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -25,8 +26,9 @@ from flask import (
     send_from_directory,
 )
 from flask.sessions import SecureCookieSessionInterface
+from flask_babel import force_locale
 
-from . import store, views
+from . import i18n, store, views
 
 bp = Blueprint("embed", __name__)
 
@@ -68,22 +70,30 @@ def page() -> str:
     messages = (store.list_messages(db, conversation["id"], limit=views.PAGE_MESSAGES)
                 if conversation is not None else [])
     options = embed_options(request.args)
+    # The host page's data-lang picks the catalog (else the reader's browser does); the
+    # page's htmx requests say it again in Accept-Language, as the reader's cookie
+    # (the language switch) is not sent into a cross-site frame.
+    language = i18n.best_language([(options["lang"], 1.0)]) if "lang" in options else None
     models = views.backend().models()
     current_model = (conversation["model"] if conversation else "") or models[0]
     conversations = store.list_conversations(db, owner) if owner else []
-    # The same context as views._page, for the same chat.html underneath.
-    return render_template(
-        "embed.html", conversation=conversation, messages=messages,
-        more_before=messages[0]["position"] if messages and messages[0]["position"] > 0 else None,
-        csrf=views.csrf_token(), request_key=store.new_id(), backend_name=views.backend().name,
-        models=models, model=current_model if current_model in models else models[0],
-        max_chars=current_app.config["MAX_MESSAGE_CHARS"], editing=None,
-        groups=views.group_conversations(conversations),
-        theme=options.get("theme", ""), lang=options.get("lang", "en"),
-        embed_sidebar=options.get("sidebar") == "1",
-        embed_query=urlencode(options),
-        embed_origins=current_app.config["EMBED_ORIGINS"],
-    )
+    with force_locale(language) if language else nullcontext():
+        # The same context as views._page, for the same chat.html underneath.
+        return render_template(
+            "embed.html", conversation=conversation, messages=messages,
+            more_before=(messages[0]["position"] if messages and messages[0]["position"] > 0
+                         else None),
+            csrf=views.csrf_token(), request_key=store.new_id(),
+            backend_name=views.backend().name,
+            models=models, model=current_model if current_model in models else models[0],
+            max_chars=current_app.config["MAX_MESSAGE_CHARS"], editing=None,
+            groups=views.group_conversations(conversations),
+            theme=options.get("theme", ""),
+            embed_language=i18n.LANGUAGES[language][0] if language else "",
+            embed_sidebar=options.get("sidebar") == "1",
+            embed_query=urlencode(options),
+            embed_origins=current_app.config["EMBED_ORIGINS"],
+        )
 
 
 @bp.get("/embed.js")
@@ -171,7 +181,9 @@ class EmbedSessionInterface(SecureCookieSessionInterface):
         return "None" if is_embed_request() else super().get_cookie_samesite(app)
 
     def get_cookie_secure(self, app: Flask) -> bool:
-        return True if is_embed_request() else super().get_cookie_secure(app)
+        # Secure whenever the page is served over https (request.is_secure follows
+        # X-Forwarded-Proto when WEBCHAT_PROXY_HOPS trusts the proxy).
+        return is_embed_request() or request.is_secure or super().get_cookie_secure(app)
 
     def get_cookie_partitioned(self, app: Flask) -> bool:
         return True if is_embed_request() else super().get_cookie_partitioned(app)

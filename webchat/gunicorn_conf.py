@@ -25,7 +25,7 @@ keepalive = 5
 limit_request_line = 4094
 limit_request_fields = 60
 limit_request_field_size = 8190
-accesslog = "-"
+accesslog = None  # webchat logs each request itself, as JSON with its request id
 errorlog = "-"
 # Several instances may run on one machine (tests, blue/green deploys): no shared
 # control socket in the home directory.

@@ -21,7 +21,7 @@ import gevent
 import gevent.event
 from gevent import Greenlet
 
-from . import store
+from . import metrics, store
 from .backends.base import Backend, BackendError, ChatMessage, Settings
 from .render import StreamRenderer
 
@@ -117,6 +117,7 @@ class Runner:
         finally:
             db.close()
         # A continued reply starts from the text it already has.
+        metrics.record_reply_started()
         run = Run(message_id=message["id"], conversation_id=message["conversation_id"],
                   content=message["content"], reasoning=message["reasoning"])
         self.runs[run.message_id] = run
@@ -155,6 +156,7 @@ class Runner:
         except gevent.GreenletExit:
             run.status = "interrupted"
         except BackendError as exc:
+            metrics.record_upstream_error()
             if finish_reason == "length":  # some providers add an error after a length cut-off
                 run.status = "complete"
             else:
@@ -183,6 +185,9 @@ class Runner:
             elapsed = time.monotonic() - first_token
             if usage.get("completion_tokens") and elapsed > 0:
                 stats["tokens_per_second"] = round(usage["completion_tokens"] / elapsed, 1)
+        metrics.record_reply_finished(run.status, first_token_ms=stats.get("first_token_ms"),
+                                      prompt_tokens=stats["prompt_tokens"],
+                                      completion_tokens=stats["completion_tokens"])
         self._finish(run, finish_reason, stats)
 
     def _finish(self, run: Run, finish_reason: str, stats: dict[str, Any]) -> None:

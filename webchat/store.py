@@ -725,6 +725,13 @@ def create_session(db: Connection) -> str:
     return session_id
 
 
+def ensure_session(db: Connection, session_id: str) -> None:
+    """Record a browser session (its id was made when its first page was served)."""
+    now = time.time()
+    db.execute("INSERT INTO sessions (id, created_at, seen_at) VALUES (?, ?, ?)"
+               " ON CONFLICT (id) DO NOTHING", (session_id, now, now))
+
+
 def session_exists(db: Connection, session_id: str) -> bool:
     """Tell whether a session id is known to the store."""
     row = db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone()

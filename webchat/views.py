@@ -99,22 +99,34 @@ def current_owner(create: bool = False) -> str | None:
     if user := identity.trusted_user(request, current_app.config):
         return f"u:{user}"
     sid = session.get("sid")
-    if isinstance(sid, str) and store.session_exists(get_db(), sid):
-        return f"s:{sid}"
-    if not create:
-        return None
-    sid = store.create_session(get_db())
-    session["sid"] = sid
-    session.permanent = True
+    if not (isinstance(sid, str) and _ID.match(sid)):
+        if not create:
+            return None
+        sid = _new_session()
+    if create:
+        store.ensure_session(get_db(), sid)
     return f"s:{sid}"
 
 
+def _new_session() -> str:
+    sid = store.new_id()
+    session["sid"] = sid
+    session.permanent = True
+    return sid
+
+
 def csrf_token() -> str:
-    """Return the session's CSRF token, making one if needed."""
+    """Return the session's CSRF token, making one (and the session id) if needed.
+
+    The session id is made with the first page, not with the first message: tabs
+    opened together then share one id, instead of racing to make one each.
+    """
     token = session.get("csrf")
     if not isinstance(token, str):
         token = secrets.token_urlsafe(24)
         session["csrf"] = token
+    if not isinstance(session.get("sid"), str):
+        _new_session()
     return token
 
 
