@@ -213,3 +213,23 @@ def test_a_real_openai_compatible_server_streams_through_webchat(
         except subprocess.TimeoutExpired:
             llama.kill()
         log.close()
+
+
+def test_the_model_picker_chooses_the_model_per_conversation(server_factory: Any,
+                                                             page: Any) -> None:
+    with Upstream() as up:
+        up.next(fixture_reply("mistral_tiny_text_usage.sse"),
+                fixture_reply("openai_gpt-4o-mini_text_usage.sse"))
+        server = server_factory(env={**upstream_env(up), "WEBCHAT_MODELS": "fast,smart"})
+        page.goto(server.url + "/")
+        picker = page.get_by_label("Model", exact=True).first
+        assert picker.locator("option").all_text_contents() == ["fast", "smart"]
+        picker.select_option("smart")
+        send(page, "use the smart one")
+        page.locator(".msg.assistant[data-status=complete]").wait_for(timeout=30_000)
+        assert up.wait_request(0).json["model"] == "smart"
+        page.reload()
+        assert page.get_by_label("Model", exact=True).first.input_value() == "smart"
+        send(page, "and again")
+        page.locator(".msg.assistant[data-status=complete]").nth(1).wait_for(timeout=30_000)
+        assert up.wait_request(1).json["model"] == "smart"
