@@ -8,7 +8,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -513,17 +513,9 @@ def _page_without_javascript(owner: str, cid: str, reply: store.Row) -> Response
     """
     conv = store.get_conversation(get_db(), owner, cid)
     assert conv is not None
-    if reply["status"] == "pending":
-        runner().claim_and_start(reply, _settings(conv), _history(conv, reply))
+    _start_if_pending(owner, cid, reply)
     mid = reply["id"]
-    database = current_app.config["DATABASE"]
-
-    def load() -> store.Row | None:
-        db = store.connect(database)
-        try:
-            return store.get_message(db, owner, cid, mid)
-        finally:
-            db.close()
+    load = _reply_loader(owner, cid, mid)
 
     def live() -> Iterator[Markup]:
         renderer = StreamRenderer()
@@ -550,6 +542,32 @@ def _page_without_javascript(owner: str, cid: str, reply: store.Row) -> Response
     }
     _close_db()  # the page may stream for minutes: hold no connection meanwhile
     return Response(stream_template("chat.html", **context), mimetype="text/html")
+
+
+def _start_if_pending(owner: str, cid: str, reply: store.Row) -> None:
+    """Start the reply's run in this worker if nobody has yet (the owner's first look)."""
+    if reply["status"] == "pending":
+        conv = store.get_conversation(get_db(), owner, cid)
+        assert conv is not None
+        runner().claim_and_start(reply, _settings(conv), _history(conv, reply))
+
+
+def _reply_loader(owner: str, cid: str, mid: str) -> Callable[[], store.Row | None]:
+    """Return a function that re-reads the reply, each time on a connection of its own.
+
+    Caveat: it runs inside streaming generators, after the request's own
+    connection is closed; it captures what it needs instead of using ``g``.
+    """
+    database = current_app.config["DATABASE"]
+
+    def load() -> store.Row | None:
+        db = store.connect(database)
+        try:
+            return store.get_message(db, owner, cid, mid)
+        finally:
+            db.close()
+
+    return load
 
 
 def _settings(conv: store.Row) -> Settings:
@@ -634,19 +652,9 @@ def stream(cid: str, mid: str) -> Response:
     last_event_id = request.headers.get("Last-Event-ID")
     if last_event_id is not None and not _EVENT_ID.match(last_event_id):
         abort(400, description=gettext("Last-Event-ID must be a small non-negative integer."))
-    if reply["status"] == "pending":
-        conv = store.get_conversation(get_db(), owner, cid)
-        assert conv is not None
-        runner().claim_and_start(reply, _settings(conv), _history(conv, reply))
+    _start_if_pending(owner, cid, reply)
     _close_db()  # the stream may last minutes: hold no connection meanwhile
-    database = current_app.config["DATABASE"]
-
-    def load() -> store.Row | None:
-        db = store.connect(database)
-        try:
-            return store.get_message(db, owner, cid, mid)
-        finally:
-            db.close()
+    load = _reply_loader(owner, cid, mid)
 
     message_macro = get_template_attribute("_partials.html", "message")
     snapshot_macro = get_template_attribute("_partials.html", "reply_body")
