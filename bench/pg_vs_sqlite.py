@@ -63,6 +63,7 @@ LAG_P99_MS = 100.0
 CSRF_RE = re.compile(rb'name="csrf_token" value="([^"]+)"')
 SSE_CONNECT_RE = re.compile(rb'sse-connect="([^"]+)"')
 TICKS = os.sysconf("SC_CLK_TCK")
+SECRET_KEY = secrets.token_urlsafe(32)
 
 
 def log(message: str) -> None:
@@ -105,7 +106,7 @@ class Instance:
         self.port = free_port()
         env = {
             **os.environ,
-            "SECRET_KEY": secrets.token_urlsafe(32),
+            "SECRET_KEY": SECRET_KEY,  # the same in every instance: one session cookie for all
             "DATABASE_URL": database_url,
             "WEBCHAT_BACKEND": "demo",
             "WEBCHAT_DEMO_TOKENS_PER_SECOND": f"{rate:g}",
@@ -309,7 +310,7 @@ async def replies_per_second(ports: list[int], clients: int, seconds: float
             try:
                 path = await send(post, tab, f"{MESSAGE} ({k}.{i})")
                 events = await asyncio.wait_for(stream(read, path, tab), 60)
-            except (OSError, RuntimeError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, RuntimeError):
                 failures += 1
                 continue
             if events and events[-1][1] == "done":
@@ -346,7 +347,9 @@ async def concurrent_streams(ports: list[int], users: int, rate: float) -> dict[
             main = asyncio.create_task(asyncio.wait_for(stream(read, path, tab, first), 120))
             second = None
             if k % 10 == 0:
-                await first.wait()  # the main tab has claimed the reply
+                # Once the main tab has claimed the reply (or failed).
+                await asyncio.wait([main, asyncio.create_task(first.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)
                 second = asyncio.create_task(asyncio.wait_for(stream(post, path, tab), 120))
             events = await main
             if events and events[-1][1] == "done":
@@ -361,7 +364,7 @@ async def concurrent_streams(ports: list[int], users: int, rate: float) -> dict[
                 for at, _name, event_id in other[1:]:
                     seen = min((t for t, _n, i in events if i >= event_id), default=at)
                     second_lags.append(max(0.0, at - seen))
-        except (OSError, RuntimeError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, RuntimeError):
             failures += 1
 
     await asyncio.gather(*(user(k) for k in range(users)))

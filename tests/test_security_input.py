@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import quote, quote_from_bytes
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from .conftest import Server
@@ -141,6 +141,13 @@ def test_odd_but_decodable_text_is_stored_as_valid_text_or_refused(tmp_path: Pat
     assert page.status_code == 200
 
 
+
+def test_a_form_that_is_not_utf8_is_explained(world: Any) -> None:
+    response = post_raw(world, "/chat", b"text=hello \xff\xfe world")
+    assert_clear_refusal(response, "raw invalid UTF-8")
+    assert re.search(r"(?i)utf-8|unicode|encod", response.get_data(as_text=True))
+
+
 def test_nothing_is_stored_from_refused_input(world: Any) -> None:
     app = world["app"]
     cid = world["scratch"]["cid"]
@@ -241,7 +248,8 @@ RAW_REQUESTS = [
     b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=\xff\r\n"
     b"Content-Length: 10\r\n\r\n--\xff\r\n\r\n--",
     b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-    b"Content-Length: 58\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"te\xffxt\"\r\n\r\nx\r\n--b--",
+    b"Content-Length: 58\r\n\r\n--b\r\nContent-Disposition: form-data; "
+    b"name=\"te\xffxt\"\r\n\r\nx\r\n--b--",
 ]
 
 
@@ -257,6 +265,19 @@ def test_raw_bad_requests_never_cause_a_500_in_gunicorn(live_server: Server) -> 
                           b"/stream HTTP/1.1\r\nHost: x\r\nLast-Event-ID: \xff\xfe\x00\r\n\r\n")
     assert 400 <= status_of(answer) < 500
     assert live_server.log_text().count('"level": "ERROR"') == errors_before
+
+
+
+@pytest.mark.parametrize("where", ["form", "header"])
+@pytest.mark.parametrize("token", ["\x80", "caf\u00e9", "\u00ff" * 32], ids=["x80", "cafe", "ff32"])
+def test_a_non_ascii_csrf_token_is_a_403_not_a_500(world: Any, where: str, token: str) -> None:
+    if where == "form":
+        response = world["client"].post("/chat", data={"text": "hi", "csrf_token": token})
+    else:  # WSGI hands header bytes over as Latin-1: any byte can arrive this way
+        response = world["client"].post("/chat", data={"text": "hi"},
+                                        headers={"HX-Request": "true", "X-CSRF-Token": token})
+    assert response.status_code == 403
+    assert_clear_refusal(response, where)
 
 
 # Fuzzing through the Flask test client -------------------------------------------------
@@ -277,7 +298,13 @@ def encode_field(name: str, value: str | bytes) -> str:
     return f"{quote(name)}={quote_from_bytes(raw)}"
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+# Bounded: 200 examples, no deadline, no shrinking (a failure is reported as found; add
+# Phase.shrink locally to minimise it) and no example database written into the repo.
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.reuse, Phase.generate], database=None)
+
+@FUZZ
+@example(route="chat", fields={"text": "hi", "csrf_token": "\x80"}, raw_tail=b"", htmx=False)
 @given(route=st.sampled_from(["chat", "rename", "settings", "edit", "regenerate", "continue",
                               "stop", "theme"]),
        fields=st.dictionaries(st.sampled_from(FIELDS), values, max_size=6),
@@ -303,7 +330,7 @@ header_values = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@FUZZ
 @given(last_event_id=header_values, accept=st.sampled_from(["text/event-stream", "*/*", ""]),
        which=st.sampled_from(["ref", "scratch", "foreign"]))
 def test_fuzz_stream_endpoint_never_fails(world: Any, last_event_id: str, accept: str,

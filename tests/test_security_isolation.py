@@ -165,13 +165,9 @@ def test_someone_elses_ids_answer_exactly_like_random_ids(shared_world: dict[str
     assert_owner_untouched(world, before)
 
 
-EDIT_BUG = ("views.edit turns every ValueError of store.edit_turn into 409, also 'not a message "
-            "of yours in this conversation': a message id from elsewhere must be a 404")
-
 
 @pytest.mark.parametrize("endpoint", [
-    pytest.param(e, marks=pytest.mark.xfail(strict=True, reason=EDIT_BUG)) if e == "chat.edit"
-    else e for e in _endpoints_with_ids() if e in _endpoints_with_message_ids()])
+    e for e in _endpoints_with_ids() if e in _endpoints_with_message_ids()])
 def test_someone_elses_message_in_your_own_conversation_is_a_404(
         shared_world: dict[str, Any], endpoint: str) -> None:
     app, world = shared_world["app"], shared_world

@@ -48,9 +48,23 @@ def db(database: str) -> Iterator[store.Connection]:
     connection.close()
 
 
-def other_connections(database: str, count: int) -> list[store.Connection]:
-    """More connections to the same store, as other workers or instances would have."""
-    return [store.connect(database) for _ in range(count)]
+def in_threads(count: int, work: Any) -> None:
+    """Run ``work(n)`` in ``count`` threads at once, as other workers or instances would.
+
+    Each thread opens its own connection (within one thread, PostgreSQL
+    connections are shared).
+    """
+    start = threading.Barrier(count)
+
+    def run(n: int) -> None:
+        start.wait()
+        work(n)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
 
 
 def consistent(db: store.Connection) -> None:
@@ -138,25 +152,17 @@ def test_racing_turns_on_one_conversation_make_exactly_one(database: str,
                                                            db: store.Connection) -> None:
     """Many workers (or instances) POST at once: one turn, one position each, no error."""
     cid = store.create_conversation(db, "s:alice")
-    connections = other_connections(database, 8)
     outcomes: list[str] = []
-    start = threading.Barrier(len(connections))
 
-    def post(connection: store.Connection, n: int) -> None:
-        start.wait()
-        try:
-            store.add_turn(connection, cid, f"message {n}", model="demo")
-            outcomes.append("made")
-        except ValueError:
-            outcomes.append("busy")
+    def post(n: int) -> None:
+        with store.connect(database) as connection:
+            try:
+                store.add_turn(connection, cid, f"message {n}", model="demo")
+                outcomes.append("made")
+            except ValueError:
+                outcomes.append("busy")
 
-    threads = [threading.Thread(target=post, args=(c, n)) for n, c in enumerate(connections)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    for connection in connections:
-        connection.close()
+    in_threads(8, post)
     assert sorted(outcomes) == ["busy"] * 7 + ["made"]
     assert [m["position"] for m in store.list_messages(db, cid)] == [0, 1]
 
@@ -164,23 +170,14 @@ def test_racing_turns_on_one_conversation_make_exactly_one(database: str,
 def test_racing_claims_give_a_reply_one_owner(database: str, db: store.Connection) -> None:
     cid = store.create_conversation(db, "s:alice")
     _, reply, _ = store.add_turn(db, cid, "hi", model="demo")
-    connections = other_connections(database, 6)
     won: list[str] = []
-    start = threading.Barrier(len(connections))
 
-    def claim(connection: store.Connection, worker: str) -> None:
-        start.wait()
-        if store.claim_message(connection, reply["id"], worker):
-            won.append(worker)
+    def claim(n: int) -> None:
+        with store.connect(database) as connection:
+            if store.claim_message(connection, reply["id"], f"w{n}"):
+                won.append(f"w{n}")
 
-    threads = [threading.Thread(target=claim, args=(c, f"w{n}"))
-               for n, c in enumerate(connections)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    for connection in connections:
-        connection.close()
+    in_threads(6, claim)
     assert len(won) == 1
     assert store.message_by_id(db, reply["id"])["worker_id"] == won[0]
 
@@ -293,7 +290,7 @@ def test_deleting_a_conversation_deletes_its_messages(db: store.Connection) -> N
 
 def test_rate_limits_count_what_every_connection_wrote(database: str,
                                                        db: store.Connection) -> None:
-    elsewhere = store.connect(database)  # another instance, same store
+    elsewhere = store.connect(database)  # as another instance would, on the same store
     try:
         for n, connection in enumerate([db, elsewhere, db]):
             cid = store.create_conversation(connection, "s:alice")
@@ -382,21 +379,13 @@ def test_the_schema_is_versioned_and_upgrading_twice_changes_nothing(
 
 
 def test_workers_starting_together_migrate_once(database: str) -> None:
-    connections = other_connections(database, 4)
     applied: list[list[int]] = []
-    start = threading.Barrier(len(connections))
 
-    def start_up(connection: store.Connection) -> None:
-        start.wait()
-        applied.append(store.upgrade(connection))
+    def start_up(n: int) -> None:
+        with store.connect(database) as connection:
+            applied.append(store.upgrade(connection))
 
-    threads = [threading.Thread(target=start_up, args=(c,)) for c in connections]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    for connection in connections:
-        connection.close()
+    in_threads(4, start_up)
     assert sorted(applied) == [[]] * 3 + [[1]]
 
 
@@ -434,7 +423,7 @@ def test_postgres_changes_wake_a_waiter_as_soon_as_a_checkpoint_commits(
     store.claim_message(db, reply["id"], "w1")
     changes = store.changes(postgres_url)
     assert changes.notifies and changes.listening.wait(10)
-    writer = store.connect(postgres_url)  # another instance's connection
+    writer = store.connect(postgres_url)  # used by the writing thread (and later here)
     delays: list[float] = []
     for n in range(5):
         committed: list[float] = []
@@ -621,3 +610,35 @@ def test_logged_locations_hide_the_password() -> None:
     assert store.describe("postgresql://app:s3cret@db.internal:5432/webchat") == (
         "postgresql://app:***@db.internal:5432/webchat")
     assert store.describe("sqlite:///data/webchat.sqlite3") == "data/webchat.sqlite3"
+
+
+def test_nested_postgres_connections_share_one_and_cannot_starve_the_pool(
+        postgres_url: str) -> None:
+    """A view holding a connection calls code that opens another: no second one is taken."""
+    store.set_pool_size(2)
+    try:
+        outer = store.connect(postgres_url)
+        store.init_db(outer)
+        errors: list[BaseException] = []
+
+        def request(n: int) -> None:
+            try:
+                with store.connect(postgres_url) as view_db:
+                    cid = store.create_conversation(view_db, f"s:{n}")
+                    with store.connect(postgres_url) as inner:  # e.g. a run's claim
+                        assert inner.raw is view_db.raw
+                        store.add_turn(inner, cid, "hi", model="demo")
+                    with view_db.transaction():  # nested transactions are savepoints
+                        with pytest.raises(ValueError), view_db.transaction():
+                            raise ValueError("rolled back alone")
+                        store.rename_conversation(view_db, f"s:{n}", cid, "kept")
+                    assert store.get_conversation(view_db, f"s:{n}", cid)["title"] == "kept"
+            except BaseException as exc:
+                errors.append(exc)
+
+        in_threads(6, request)
+        assert errors == []
+        outer.close()
+    finally:
+        store.close_pool(postgres_url)
+        store.set_pool_size(10)

@@ -67,8 +67,7 @@ def test_a_turn_streams_snapshot_deltas_and_done(client: Any) -> None:
 
     again = client.get(url)  # idempotent: the finished reply, never a 204
     assert again.status_code == 200
-    assert [name for name, _ in events_of(again.get_data(as_text=True))] == [
-        "snapshot", "delta", "done"]
+    assert [name for name, _ in events_of(again.get_data(as_text=True))] == ["snapshot", "done"]
     page = client.get(f"/c/{cid}").get_data(as_text=True)
     assert "You wrote: “Hello”" in page
     assert "sse-connect" not in page

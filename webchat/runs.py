@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -27,6 +28,7 @@ from .render import StreamRenderer
 
 logger = logging.getLogger(__name__)
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 REMOTE_POLL_SECONDS = 0.25  # a tail of a run in another worker re-reads the store this often
 # ... unless the store announces changes (PostgreSQL): then this is only a safety net.
 REMOTE_WAIT_SECONDS = 2.0
@@ -145,8 +147,9 @@ class Runner:
                 if delta.text or delta.reasoning:
                     if first_token is None:
                         first_token = time.monotonic()
-                    run.content += delta.text
-                    run.reasoning += delta.reasoning
+                    # A lone surrogate (JSON can carry "\ud800") cannot be stored or sent.
+                    run.content += _SURROGATE.sub("\ufffd", delta.text)
+                    run.reasoning += _SURROGATE.sub("\ufffd", delta.reasoning)
                 run.notify()
                 if run.stop_requested:
                     raise StopRun
@@ -278,8 +281,17 @@ class Runner:
         renderer = StreamRenderer()
         content, reasoning, queued = _state(run, row)
         seen = run.version if run is not None else -1
-        snapshot_blocks, snapshot_tail, _ = renderer.feed_growing(content)
         event_id = _event_id(content, reasoning)
+        if run is None and row["status"] not in store.ACTIVE:
+            # Finished already: its final form, and done (the stream URL is idempotent).
+            blocks, tail = renderer.feed(content)
+            yield Update("snapshot", "".join(blocks), event_id, tail=tail)
+            if reasoning:
+                yield Update("think", reasoning, event_id)
+            yield Update("error" if row["status"] == "error" else "done", event_id=event_id,
+                         message=row)
+            return
+        snapshot_blocks, snapshot_tail, _ = renderer.feed_growing(content)
         yield Update("snapshot", "".join(snapshot_blocks), event_id, tail=snapshot_tail or "")
         if reasoning:
             yield Update("think", reasoning, event_id)

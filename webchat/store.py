@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
@@ -146,7 +147,15 @@ class Connection:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """Run a short write transaction (SQLite: taking the write lock up front)."""
+        """Run a short write transaction (SQLite: taking the write lock up front).
+
+        On PostgreSQL, a transaction begun while the (shared, see ``connect``)
+        connection is already in one is a savepoint within it.
+        """
+        if self.dialect == POSTGRESQL and self.raw.info.transaction_status != _IDLE:
+            with self.raw.transaction():  # psycopg nests it as a savepoint
+                yield self
+            return
         self.raw.execute("BEGIN IMMEDIATE" if self.dialect == SQLITE else "BEGIN")
         try:
             yield self
@@ -183,11 +192,13 @@ def connect(database: str) -> Connection:
     """Open a connection to the store at ``database``: a SQLite path or URL, or a PostgreSQL URL.
 
     SQLite: autocommit mode, WAL, a small busy timeout. PostgreSQL: a connection
-    from this process's pool, in autocommit mode; ``close`` gives it back.
+    from this process's pool, in autocommit mode; ``close`` gives it back. Within
+    one greenlet (or thread) nested ``connect`` calls share one PostgreSQL
+    connection: a view holding one that calls code which opens another (a run's
+    claim, a stop) cannot starve the pool and wait on itself.
     """
     if is_postgres(database):
-        pool = _pool(database)
-        return Connection(pool.getconn(), POSTGRESQL, pool.putconn)
+        return _pooled(database)
     db = sqlite3.connect(sqlite_path(database), isolation_level=None, check_same_thread=False,
                          timeout=5.0)
     db.row_factory = sqlite3.Row
@@ -292,6 +303,7 @@ def _pool(url: str) -> ConnectionPool[Any]:
             # use or close; psycopg leaves sockets of another process alone.
             _forked_pools.extend(_pools.values())
             _pools.clear()
+            _held.clear()
             _pools_pid = os.getpid()
         pool = _pools.get(url)
         if pool is not None:
@@ -322,6 +334,35 @@ def _close_pools(pid: int) -> None:
     if pid == os.getpid():
         for url in list(_pools):
             close_pool(url)
+
+
+_held: dict[tuple[int, str], list[Any]] = {}  # (greenlet, url) -> [connection, users, pool]
+_held_lock = threading.Lock()
+_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
+
+
+def _pooled(url: str) -> Connection:
+    pool = _pool(url)  # first: it forgets a forked parent's connections
+    key = (threading.get_ident(), url)
+    with _held_lock:
+        held = _held.get(key)
+        if held is not None:
+            held[1] += 1
+            return Connection(held[0], POSTGRESQL, lambda _raw: _release(key))
+    raw = pool.getconn()
+    with _held_lock:
+        _held[key] = [raw, 1, pool]
+    return Connection(raw, POSTGRESQL, lambda _raw: _release(key))
+
+
+def _release(key: tuple[int, str]) -> None:
+    with _held_lock:
+        held = _held[key]
+        held[1] -= 1
+        if held[1]:
+            return
+        del _held[key]
+    held[2].putconn(held[0])
 
 
 def _connection_error(url: str) -> Exception:
@@ -674,6 +715,42 @@ class LimitError(Exception):
     """A limit was reached; the message says which, for the user."""
 
 
+@dataclass(frozen=True)
+class RateLimits:
+    """How much one session (owner) and one client address may send and have in flight."""
+
+    owner_per_minute: int
+    owner_in_flight: int
+    address_per_minute: int
+    address_in_flight: int
+
+
+class RateLimitError(Exception):
+    """Too many messages: ``kind`` is "per_minute" or "in_flight"; retry after seconds."""
+
+    def __init__(self, kind: str, retry_after: int) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+def check_rate(db: Connection, owner: str, address: str, limits: RateLimits) -> None:
+    """Raise RateLimitError if the owner or the address is over a limit.
+
+    Inside ``add_turn``'s transaction the count and the insert are one step, so
+    workers taking messages at the same moment cannot all slip under a limit.
+    """
+    checks = (("owner", owner, limits.owner_per_minute, limits.owner_in_flight),
+              ("client_addr", address, limits.address_per_minute, limits.address_in_flight))
+    for column, value, per_minute, in_flight_limit in checks:
+        sent, oldest, in_flight = recent_activity(db, column, value)
+        if sent >= per_minute:
+            wait = max(1, int(60 - (time.time() - (oldest or time.time()))) + 1)
+            raise RateLimitError("per_minute", wait)
+        if in_flight >= in_flight_limit:
+            raise RateLimitError("in_flight", 5)
+
+
 def _lock_conversation(db: Connection, conversation_id: str) -> None:
     """Serialise the writers of one conversation within a transaction.
 
@@ -830,7 +907,7 @@ def edit_turn(db: Connection, conversation_id: str, message_id: str, text: str, 
         user = db.execute("SELECT * FROM messages WHERE id = ? AND conversation_id = ?"
                           " AND role = 'user'", (message_id, conversation_id)).fetchone()
         if user is None:
-            raise ValueError("not a message of yours in this conversation")
+            raise LookupError("not a message of yours in this conversation")
         busy = db.execute("SELECT 1 FROM messages WHERE conversation_id = ?"
                           " AND status IN ('pending', 'streaming')", (conversation_id,)).fetchone()
         if busy is not None:
@@ -935,17 +1012,24 @@ def message_by_id(db: Connection, message_id: str) -> Row | None:
 
 def add_turn(db: Connection, conversation_id: str, text: str, *, model: str,
              request_key: str | None = None, owner: str = "", client_addr: str = "",
-             max_messages: int | None = None) -> tuple[Row, Row, bool]:
+             max_messages: int | None = None,
+             limits: RateLimits | None = None) -> tuple[Row, Row, bool]:
     """Store a user message and a pending assistant reply in one transaction.
 
     Returns ``(user_message, assistant_message, created)``. A POST retried with
     the same ``request_key`` returns the turn it already made, with created False.
-    Raises ValueError if the conversation already has a reply in progress, and
-    LimitError if it already holds ``max_messages`` messages.
+    Raises ValueError if the conversation already has a reply in progress,
+    LimitError if it already holds ``max_messages`` messages, and RateLimitError
+    past ``limits``.
     """
     now = time.time()
     with transaction(db):
         _lock_conversation(db, conversation_id)
+        if limits is not None and db.dialect == POSTGRESQL:
+            # SQLite's write lock already serialises this; PostgreSQL locks the
+            # owner and the address, so concurrent counts cannot both pass.
+            for key in (f"owner:{owner}", f"addr:{client_addr}"):
+                db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))
         if request_key:
             existing = db.execute(
                 "SELECT * FROM messages WHERE conversation_id = ? AND request_key = ?",
@@ -964,6 +1048,8 @@ def add_turn(db: Connection, conversation_id: str, text: str, *, model: str,
         ).fetchone()
         if busy is not None:
             raise ValueError("a reply is still being written")
+        if limits is not None:
+            check_rate(db, owner, client_addr, limits)
         position = db.execute(
             "SELECT COALESCE(MAX(position), -1) + 1 FROM messages WHERE conversation_id = ?",
             (conversation_id,),

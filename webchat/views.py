@@ -7,11 +7,10 @@ import json
 import logging
 import re
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, tzinfo
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from flask import (
@@ -50,12 +49,23 @@ CSRF_HEADER = "X-CSRF-Token"
 def init_app(app: Flask) -> None:
     """Register the routes, the database teardown and the security headers."""
     app.register_blueprint(bp)
+    app.before_request(_refuse_forms_that_are_not_utf8)
     app.teardown_appcontext(_close_db)
     app.after_request(_security_headers)
     app.register_error_handler(HTTPException, _http_error)
     app.jinja_env.globals.update(render_markdown=render_markdown, render_text=render_text,
                                  csrf_token=csrf_token)
     app.context_processor(_page_context)
+
+
+def _refuse_forms_that_are_not_utf8() -> None:
+    # Werkzeug silently drops a form it cannot decode, which would surface as a
+    # misleading "type a message" or "session expired"; say what is wrong instead.
+    if request.method == "POST" and request.mimetype == "application/x-www-form-urlencoded":
+        try:
+            unquote_to_bytes(request.get_data(cache=True)).decode("utf-8")
+        except UnicodeDecodeError:
+            abort(400, description=gettext("The form is not valid UTF-8 text."))
 
 
 def _page_context() -> dict[str, Any]:
@@ -141,7 +151,8 @@ def check_csrf() -> None:
         abort(403, description=gettext("This request came from an opaque origin and was refused."))
     sent = request.headers.get(CSRF_HEADER) or request.form.get("csrf_token", "")
     expected = session.get("csrf")
-    if not isinstance(expected, str) or not hmac.compare_digest(sent, expected):
+    if not isinstance(expected, str) or not hmac.compare_digest(
+            sent.encode("utf-8", "replace"), expected.encode()):
         abort(403, description=gettext("Your session expired or the form is stale. Reload the page "
                                        "and try again."))
 
@@ -330,6 +341,8 @@ def edit(cid: str, mid: str) -> Any:
     model = conv["model"] or backend().models()[0]
     try:
         store.edit_turn(get_db(), cid, valid_id(mid), text, model=model)
+    except LookupError:
+        abort(404, description=gettext("This message does not exist, or it is not yours."))
     except ValueError:
         abort(409, description=gettext("This message cannot be edited now: wait for the reply to "
                                        "finish, or stop it."))
@@ -486,7 +499,10 @@ def send() -> Any:
         user, reply, _created = store.add_turn(
             db, cid, text, model=model, request_key=request_key, owner=owner,
             client_addr=address,
-            max_messages=current_app.config["MAX_CONVERSATION_MESSAGES"])
+            max_messages=current_app.config["MAX_CONVERSATION_MESSAGES"],
+            limits=_rate_limits())
+    except store.RateLimitError as exc:
+        raise _too_many(exc) from None
     except store.LimitError as exc:
         abort(409, description=str(exc))
     except ValueError:
@@ -588,21 +604,30 @@ class TooManyRequests(HTTPException):
         return [*super().get_headers(*args, **kwargs), ("Retry-After", str(self.retry_after))]
 
 
-def _check_rate(db: store.Connection, owner: str, address: str) -> None:
-    """Refuse a message past the per-session or per-address limits (counted in the store)."""
+def _rate_limits() -> store.RateLimits:
     config = current_app.config
-    checks = [("owner", owner, config["MESSAGES_PER_MINUTE"], config["REPLIES_IN_FLIGHT"]),
-              ("client_addr", address, config["ADDRESS_MESSAGES_PER_MINUTE"],
-               config["ADDRESS_REPLIES_IN_FLIGHT"])]
-    for column, value, per_minute, in_flight_limit in checks:
-        sent, oldest, in_flight = store.recent_activity(db, column, value)
-        if sent >= per_minute:
-            wait = max(1, int(60 - (time.time() - (oldest or time.time()))) + 1)
-            raise TooManyRequests(gettext("You are sending messages too fast. Try again in "
-                                          "%(seconds)s s.", seconds=wait), wait)
-        if in_flight >= in_flight_limit:
-            raise TooManyRequests(gettext("Too many replies are being written at once. Wait "
-                                          "for one to finish, or stop it."), 5)
+    return store.RateLimits(
+        owner_per_minute=config["MESSAGES_PER_MINUTE"],
+        owner_in_flight=config["REPLIES_IN_FLIGHT"],
+        address_per_minute=config["ADDRESS_MESSAGES_PER_MINUTE"],
+        address_in_flight=config["ADDRESS_REPLIES_IN_FLIGHT"])
+
+
+def _too_many(exc: store.RateLimitError) -> TooManyRequests:
+    if exc.kind == "per_minute":
+        return TooManyRequests(gettext("You are sending messages too fast. Try again in "
+                                       "%(seconds)s s.", seconds=exc.retry_after),
+                               exc.retry_after)
+    return TooManyRequests(gettext("Too many replies are being written at once. Wait "
+                                   "for one to finish, or stop it."), exc.retry_after)
+
+
+def _check_rate(db: store.Connection, owner: str, address: str) -> None:
+    """Refuse early a message past the limits; ``add_turn`` checks again, atomically."""
+    try:
+        store.check_rate(db, owner, address, _rate_limits())
+    except store.RateLimitError as exc:
+        raise _too_many(exc) from None
 
 
 @bp.post("/c/<cid>/delete")
