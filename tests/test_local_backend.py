@@ -340,7 +340,8 @@ def test_generation_does_not_block_the_gevent_loop(tiny_model: Path) -> None:
     assert report["tokens"] == 600
     assert report["seconds"] > 0.5, f"generation was too quick to prove anything: {report}"
     assert report["ticks"] > report["seconds"] / 0.02, report
-    assert report["max_gap"] < 0.1, f"the gevent loop stalled: {report}"
+    # Generation takes over a second; a loop blocked by it would stall for all of it.
+    assert report["max_gap"] < 0.25, f"the gevent loop stalled: {report}"
 
 
 # --- the real model and the AMX crash -------------------------------------------------------

@@ -609,6 +609,9 @@ def test_the_db_command_upgrades_the_configured_store(
 def test_logged_locations_hide_the_password() -> None:
     assert store.describe("postgresql://app:s3cret@db.internal:5432/webchat") == (
         "postgresql://app:***@db.internal:5432/webchat")
+    assert store.describe("postgresql://db.internal/webchat?sslmode=require&password=x") == (
+        "postgresql://db.internal/webchat?sslmode=require&password=***")
+    assert store.describe("postgres://app@db/webchat") == "postgres://app@db/webchat"
     assert store.describe("sqlite:///data/webchat.sqlite3") == "data/webchat.sqlite3"
 
 

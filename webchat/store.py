@@ -106,11 +106,11 @@ def describe(database: str) -> str:
     if not is_postgres(database):
         return sqlite_path(database)
     parts = urlsplit(database)
-    if parts.password is None:
-        return database
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(query=query))
 
 
 class Connection:
@@ -554,7 +554,8 @@ class Changes:
             event.set()
 
     def _forget_old(self) -> None:
-        cutoff = time.monotonic() - 60
+        # ``since`` covers a tail's read and its next wait: moments, not minutes.
+        cutoff = time.monotonic() - 10
         with self._lock:
             self._heard = {mid: at for mid, at in self._heard.items() if at > cutoff}
 
