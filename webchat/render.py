@@ -456,6 +456,8 @@ class StreamRenderer:
         self._tail = ""
         self._references: dict[str, Any] = {}  # link definitions from finished text
         self._seen = -1  # for feed_growing: chars of the reply already on the page
+        self._scanned = 0  # for feed_growing: searched for a blank line up to here
+        self._blank_pending = False  # a blank line came after the finished blocks
 
     @property
     def blocks_count(self) -> int:
@@ -477,23 +479,33 @@ class StreamRenderer:
 
         The cheap way to stream: the open tail is rendered only when a block starts
         (when finished blocks leave it); in between, the new characters are returned
-        as raw text for the page to append inside the tail's ``span.grow``. A tail is
-        parsed again only when a line completes, so each update costs about the size
-        of the new text, and each block is rendered once. The raw text shows until
-        its block finishes and is rendered (or a snapshot renders everything).
+        as raw text for the page to append inside the tail's ``span.grow``. The tail
+        is parsed again only when a line completes after a blank line (a block can
+        only finish there), so each update costs about the size of the new text, and
+        each block is rendered once. The raw text shows until its block finishes and
+        is rendered (or a snapshot renders everything).
         """
         if self._seen < 0:
             new_blocks, tail = self.feed(text)
-            self._seen = len(text)
+            self._seen = self._scanned = len(text)
             return new_blocks, mark_growing(tail), ""
         added = text[self._seen :]
         self._seen = len(text)
         if not added or ("\n" not in added and "\r" not in added):
             return [], None, added
+        if not self._blank_pending:
+            # A blank line may end just inside what came before: look back a little.
+            start = max(self._offset, self._scanned - 4)
+            self._blank_pending = _BLANK_LINE.search(text, start) is not None
+            self._scanned = len(text)
+            if not self._blank_pending:
+                return [], None, added
         before = self._offset
         new_blocks, render_tail = self._advance(text)
         if self._offset == before:
             return [], None, added
+        self._blank_pending = False
+        self._scanned = self._offset
         self._tail = render_tail()
         return new_blocks, mark_growing(self._tail), ""
 
@@ -533,6 +545,7 @@ class StreamRenderer:
 
 # Closing tags of blocks (not of inline elements) at the end of the tail: text grows
 # before them. A code block's ``</code>`` counts, an inline one's does not.
+_BLANK_LINE = re.compile(r"(?:\r\n|\r|\n)[ \t]*(?:\r\n|\r|\n)")
 _TRAILING_CLOSERS = re.compile(
     r"(?:\s*</(?:p|li|ul|ol|pre|div|blockquote|table|tbody|thead|tr|td|th|h[1-6]|math)>"
     r"|\s*</code>(?=\s*</pre>))+\s*$")
