@@ -61,6 +61,10 @@ class Run:
         """Wake every tail waiting for news of this run."""
         self.dirty = True
         self.version += 1
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the tails without news, so that a silent stream can send a keep-alive."""
         changed, self.changed = self.changed, gevent.event.Event()
         changed.set()
 
@@ -233,12 +237,19 @@ class Runner:
             run.greenlet.kill(StopRun, block=False)
 
     def _checkpoint_loop(self) -> None:
+        last_poke = time.monotonic()
         while True:
             gevent.sleep(self.checkpoint_seconds)
             try:
                 self.checkpoint()
             except Exception:
                 logger.exception("checkpoint failed")
+            # Tails wait without a timeout (a gevent Timeout per wait costs more than
+            # the token it waits for); this wakes silent ones for their keep-alives.
+            if time.monotonic() - last_poke >= min(self.ping_seconds / 3, 5.0):
+                last_poke = time.monotonic()
+                for run in list(self.runs.values()):
+                    run.poke()
 
     def checkpoint(self) -> None:
         """Save every changed reply's text, beat the heart, pick up stop requests."""
@@ -302,8 +313,11 @@ class Runner:
         while True:
             if run is not None:
                 if run.status == "streaming" and run.version == seen:
-                    if not run.changed.wait(timeout=self.ping_seconds):
-                        yield Update("ping")
+                    run.changed.wait()
+                    if run.status == "streaming" and run.version == seen:  # a poke
+                        if time.monotonic() - last_sent >= self.ping_seconds:
+                            last_sent = time.monotonic()
+                            yield Update("ping")
                         continue
                     pause = last_sent + self.coalesce_seconds - time.monotonic()
                     if pause > 0:
