@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,74 @@ class Server:
     database: Path
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    database_url: str | None = None  # PostgreSQL: the store is here, not in ``database``
+
+    @property
+    def store_location(self) -> str:
+        """The store this server uses, as ``webchat.store.connect`` takes it."""
+        return self.database_url or str(self.database)
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Run a query (``?`` placeholders) on this server's store, SQLite or PostgreSQL."""
+        from webchat import store
+
+        db = store.connect(self.store_location)
+        try:
+            return [dict(row) for row in db.execute(sql, params).fetchall()]
+        finally:
+            db.close()
+
+    def row(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        """The first row of a query on this server's store, or None."""
+        rows = self.rows(sql, params)
+        return rows[0] if rows else None
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        """Run one statement (``?`` placeholders) on this server's store, committed at once."""
+        from webchat import store
+
+        db = store.connect(self.store_location)
+        try:
+            db.execute(sql, params)
+        finally:
+            db.close()
+
+    def integrity(self) -> str:
+        """Check the store hangs together: ``"ok"``, or what is wrong.
+
+        SQLite: ``PRAGMA integrity_check`` and ``foreign_key_check``. On both: no
+        message without its conversation, no two messages at one position of a
+        conversation, no message in an unknown status.
+        """
+        from webchat import store
+
+        problems: list[str] = []
+        if not self.database_url:
+            db = store.connect(self.store_location)
+            try:
+                result = str(db.execute("PRAGMA integrity_check").fetchone()[0])
+                if result != "ok":
+                    problems.append(f"integrity_check: {result}")
+                if db.execute("PRAGMA foreign_key_check").fetchall():
+                    problems.append("foreign_key_check found rows pointing nowhere")
+            finally:
+                db.close()
+        checks = {
+            "messages without their conversation":
+                "SELECT m.id FROM messages m LEFT JOIN conversations c"
+                " ON c.id = m.conversation_id WHERE c.id IS NULL",
+            "two messages at one position":
+                "SELECT conversation_id, position FROM messages"
+                " GROUP BY conversation_id, position HAVING COUNT(*) > 1",
+            "messages in an unknown status":
+                "SELECT id, status FROM messages WHERE status NOT IN"
+                " ('pending', 'streaming', 'complete', 'stopped', 'error', 'interrupted')",
+        }
+        for what, sql in checks.items():
+            found = self.rows(sql)
+            if found:
+                problems.append(f"{what}: {found[:5]}")
+        return "; ".join(problems) or "ok"
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True,
@@ -94,8 +162,12 @@ def start_server(tmp: Path, *, workers: int = 1, env: dict[str, str] | None = No
     """Start gunicorn (-k gevent) on a free 127.0.0.1 port and wait until it answers.
 
     The store is the SQLite file ``database`` (default: one in ``tmp``), or the
-    PostgreSQL database at ``database_url``.
+    PostgreSQL database at ``database_url``. With neither given and
+    WEBCHAT_TEST_STORE=postgres, it is a fresh PostgreSQL database (dropped at the
+    end of the session). Another instance on the same store: ``first.share(tmp)``.
     """
+    if database is None and database_url is None and TEST_STORE == "postgres":
+        database_url = _session_postgres_database()
     port = free_port()
     database = database or tmp / "webchat.sqlite3"
     log = tmp / f"gunicorn-{port}.log"
@@ -132,7 +204,12 @@ def start_server(tmp: Path, *, workers: int = 1, env: dict[str, str] | None = No
     # Every worker must be up, or a test may land on one still booting.
     while len(Server(url, process, database, log).worker_pids()) < workers:
         time.sleep(0.05)
-    return Server(url, process, database, log, full_env)
+    return Server(url, process, database, log, full_env, database_url)
+
+
+def share(first: Server, tmp: Path, **kwargs: Any) -> Server:
+    """Start another instance on ``first``'s store (its SQLite file or PostgreSQL database)."""
+    return start_server(tmp, database=first.database, database_url=first.database_url, **kwargs)
 
 
 # PostgreSQL ---------------------------------------------------------------------
@@ -161,6 +238,27 @@ def fresh_postgres_database() -> Iterator[str]:
         store.close_pool(url)
         with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=10) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# WEBCHAT_TEST_STORE=postgres: servers started without an explicit store get a fresh
+# PostgreSQL database each (tests/run.sh runs the stream end-to-end tests so, too).
+TEST_STORE = os.environ.get("WEBCHAT_TEST_STORE", "sqlite").strip().lower() or "sqlite"
+if TEST_STORE not in ("sqlite", "postgres"):
+    raise RuntimeError(f"WEBCHAT_TEST_STORE must be sqlite or postgres, not {TEST_STORE!r}")
+_session_databases = ExitStack()  # the fresh databases servers got; dropped at session end
+
+
+def _session_postgres_database() -> str:
+    if not POSTGRES_URL:
+        pytest.fail("WEBCHAT_TEST_STORE=postgres needs WEBCHAT_TEST_POSTGRES_URL")
+    return _session_databases.enter_context(fresh_postgres_database())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_session_databases() -> Iterator[None]:
+    """Drop the PostgreSQL databases servers got (set up first, so torn down last)."""
+    yield
+    _session_databases.close()
 
 
 @pytest.fixture

@@ -56,4 +56,38 @@ if [ ! -f tests/node_modules/axe-core/axe.min.js ]; then
 fi
 
 # Two cores: two test processes; each starts one browser and its own servers.
-exec python3 -m pytest -n 2 --dist loadfile "$@"
+status=0
+python3 -m pytest -n 2 --dist loadfile "$@" || status=$?
+
+# With PostgreSQL, the stream end-to-end tests run again with every server on a fresh
+# PostgreSQL database instead of a SQLite file (WEBCHAT_TEST_STORE, see tests/conftest.py).
+# Options go to this run too; test paths given as arguments narrow it to those among them.
+stream_files=(tests/test_e2e_resilience.py tests/test_e2e_browser_resilience.py
+              tests/test_e2e_chat.py tests/test_e2e_workers.py tests/test_e2e_upstream.py
+              tests/test_e2e_features.py)
+options=() paths=()
+for arg in "$@"; do
+  case "$arg" in tests/*|*.py|*.py::*) paths+=("$arg") ;; *) options+=("$arg") ;; esac
+done
+if [ ${#paths[@]} -gt 0 ]; then
+  chosen=()
+  for arg in "${paths[@]}"; do
+    for file in "${stream_files[@]}"; do
+      case "$arg" in
+        tests|tests/) chosen+=("$file") ;;
+        "$file"|"$file"::*) chosen+=("$arg"); break ;;
+      esac
+    done
+  done
+  stream_files=("${chosen[@]}")
+fi
+if [ -n "${WEBCHAT_TEST_POSTGRES_URL:-}" ] && [ ${#stream_files[@]} -gt 0 ]; then
+  echo "tests/run.sh: running the stream end-to-end tests again, every server on a fresh" \
+       "PostgreSQL database (WEBCHAT_TEST_STORE=postgres): ${stream_files[*]}"
+  WEBCHAT_TEST_STORE=postgres python3 -m pytest -n 2 --dist loadfile \
+    "${options[@]}" "${stream_files[@]}" || {
+      again=$?
+      [ "$again" -eq 5 ] || status=$again  # 5: the options selected none of these tests
+    }
+fi
+exit "$status"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import pytest
@@ -23,10 +22,10 @@ def send(page: Any, text: str) -> None:
 
 
 def stored_reply(server: Server) -> tuple[str, str]:
-    with sqlite3.connect(server.database) as db:
-        row = db.execute("SELECT status, content FROM messages WHERE role = 'assistant'"
-                         " ORDER BY created_at DESC, position DESC LIMIT 1").fetchone()
-    return row[0], row[1]
+    row = server.row("SELECT status, content FROM messages WHERE role = 'assistant'"
+                     " ORDER BY created_at DESC, position DESC LIMIT 1")
+    assert row is not None, "no reply in the store"
+    return row["status"], row["content"]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from html.parser import HTMLParser
 from typing import Any
 
@@ -75,10 +74,9 @@ def test_reply_streams_into_the_page_and_survives_reload(live_server: Server, pa
     body = final.locator(".body").text_content()
     assert body == text_of(render_markdown(expected))
 
-    with sqlite3.connect(live_server.database) as db:
-        stored = db.execute("SELECT content, status FROM messages WHERE role = 'assistant'"
-                            " ORDER BY created_at DESC LIMIT 1").fetchone()
-    assert stored == (expected, "complete")
+    stored = live_server.row("SELECT content, status FROM messages WHERE role = 'assistant'"
+                             " ORDER BY created_at DESC LIMIT 1")
+    assert stored == {"content": expected, "status": "complete"}
 
     assert "/c/" in page.url, "the address bar should show the conversation"
     conversation_url = page.url

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from webchat import store
 
 from .conftest import Server, screenshot
 
@@ -136,7 +137,8 @@ def test_sidebar_groups_by_day_and_long_conversations_load_on_scroll(server: Ser
     cid = page.url.rsplit("/", 1)[1]
     send(page, "today's second conversation")  # same conversation, still today
     now = time.time()
-    with sqlite3.connect(server.database) as db:
+    db = store.connect(server.store_location)
+    try:
         owner = db.execute("SELECT owner FROM conversations WHERE id = ?", (cid,)).fetchone()[0]
         # Two older conversations, and a hundred more messages in this one.
         for days, title in ((3, "From three days ago"), (30, "From last month")):
@@ -151,6 +153,8 @@ def test_sidebar_groups_by_day_and_long_conversations_load_on_scroll(server: Ser
                        (f"m{position:021d}", cid, position,
                         "user" if position % 2 == 0 else "assistant", f"Old message {position}",
                         now - 1000 + position, now - 1000 + position))
+    finally:
+        db.close()
     page.goto(f"{server.url}/c/{cid}")
     groups = page.locator("#conversations h2.group").all_text_contents()
     assert groups == ["Today", "Previous 7 days", "Older"]

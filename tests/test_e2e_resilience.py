@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -16,25 +15,25 @@ from webchat.backends.demo import demo_reply
 from webchat.render import render_markdown
 
 from .chat_client import ChatClient
-from .conftest import Server, screenshot, start_server
+from .conftest import Server, screenshot, share
 from .proxy import CuttingProxy
 from .reassemble import Reader
 
 pytestmark = pytest.mark.e2e
 
 
-def reply_row(database: Path, url: str) -> sqlite3.Row:
+def reply_row(server: Server, url: str) -> dict[str, Any]:
     mid = url.split("/")[4]
-    with sqlite3.connect(database) as db:
-        db.row_factory = sqlite3.Row
-        row: sqlite3.Row = db.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()
-        return row
+    row = server.row("SELECT * FROM messages WHERE id = ?", (mid,))
+    assert row is not None, f"no message {mid} in the store"
+    return row
 
 
-def wait_for_status(database: Path, url: str, statuses: set[str], limit: float = 30) -> sqlite3.Row:
+def wait_for_status(server: Server, url: str, statuses: set[str],
+                    limit: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + limit
     while True:
-        row = reply_row(database, url)
+        row = reply_row(server, url)
         if row["status"] in statuses:
             return row
         if time.monotonic() > deadline:
@@ -42,13 +41,8 @@ def wait_for_status(database: Path, url: str, statuses: set[str], limit: float =
         time.sleep(0.1)
 
 
-def owner_pid(row: sqlite3.Row) -> int:
+def owner_pid(row: dict[str, Any]) -> int:
     return int(row["worker_id"].split(":")[1])
-
-
-def integrity(database: Path) -> str:
-    with sqlite3.connect(database) as db:
-        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
 
 
 def test_a_reply_keeps_generating_with_no_tab_open(live_server: Server) -> None:
@@ -57,7 +51,7 @@ def test_a_reply_keeps_generating_with_no_tab_open(live_server: Server) -> None:
         _, url = client.send("nobody is watching")
         first = client.events(url, stop_after=3)  # then the tab closes
         assert first[0].name == "snapshot"
-        row = wait_for_status(live_server.database, url, {"complete"})
+        row = wait_for_status(live_server, url, {"complete"})
         expected = demo_reply([ChatMessage("user", "nobody is watching")])
         assert row["content"] == expected
         back = client.events(url)
@@ -92,7 +86,7 @@ def test_a_dropped_connection_resumes_with_nothing_lost_or_doubled(live_server: 
                 reader.apply(event)
                 # After every swap the finished blocks are exactly the start of the reply.
                 assert full.startswith(reader.blocks), "text lost or doubled after resuming"
-            final = reply_row(live_server.database, url)
+            final = reply_row(live_server, url)
             assert final["status"] == "complete"
             assert render_markdown(final["content"]) == full
             assert events[-1].name == "done"
@@ -105,7 +99,7 @@ def test_a_dropped_connection_resumes_with_nothing_lost_or_doubled(live_server: 
 def test_another_instance_tails_and_stops_a_reply(server_factory: Any, tmp_path: Path) -> None:
     slow = {"WEBCHAT_DEMO_TOKENS_PER_SECOND": "8"}
     first = server_factory(env=slow)
-    second = start_server(tmp_path, env=slow, database=first.database)
+    second = share(first, tmp_path, env=slow)
     a, b = ChatClient(first.url), ChatClient(second.url)
     try:
         _, url = a.send("two instances")
@@ -114,11 +108,11 @@ def test_another_instance_tails_and_stops_a_reply(server_factory: Any, tmp_path:
         b.csrf = a.csrf
         b_events = b.events(url, stop_after=2)
         assert b_events[0].name == "snapshot"
-        row = reply_row(first.database, url)
+        row = reply_row(first, url)
         assert owner_pid(row) in first.worker_pids()
         started = time.monotonic()
         assert b.post(url.removesuffix("/stream") + "/stop").status_code == 200
-        stopped = wait_for_status(first.database, url, {"stopped"}, limit=5)
+        stopped = wait_for_status(first, url, {"stopped"}, limit=5)
         assert time.monotonic() - started < 1.5
         assert stopped["content"] and len(stopped["content"]) < len(
             demo_reply([ChatMessage("user", "two instances")]))
@@ -140,15 +134,15 @@ def test_sigkill_mid_reply_keeps_the_text_and_offers_continue(server_factory: An
         seen: list[tuple[float, int]] = []
         for event in client.iter_events(url, stop_after=25):
             seen.append((event.at, int(event.id)))
-        row = reply_row(server.database, url)
+        row = reply_row(server, url)
         os.kill(owner_pid(row), signal.SIGKILL)
         killed_at = time.monotonic()
         before = [length for at, length in seen if at <= killed_at - 0.6]
-        stored = reply_row(server.database, url)
+        stored = reply_row(server, url)
         assert stored["status"] == "streaming"
         assert len(stored["content"]) >= max(before, default=0), (
             "the store lost text sent more than half a second before the kill")
-        assert integrity(server.database) == "ok"
+        assert server.integrity() == "ok"
 
         page.context.add_cookies([{"name": c.name, "value": c.value, "url": server.url}
                                   for c in client.http.cookies.jar])
@@ -159,12 +153,12 @@ def test_sigkill_mid_reply_keeps_the_text_and_offers_continue(server_factory: An
         assert reply.get_by_role("button", name="Regenerate this reply").is_visible()
         assert reply.locator(".badge").text_content() == "Interrupted"
         screenshot(page, "interrupted")
-        assert reply_row(server.database, url)["content"] == stored["content"]
+        assert reply_row(server, url)["content"] == stored["content"]
         reply.get_by_role("button", name="Regenerate this reply").click()
         page.locator(".msg.assistant[data-status=complete]").wait_for(timeout=30_000)
-        assert reply_row(server.database, url)["content"] == demo_reply(
+        assert reply_row(server, url)["content"] == demo_reply(
             [ChatMessage("user", "crash during this reply")])
-        assert integrity(server.database) == "ok"
+        assert server.integrity() == "ok"
     finally:
         client.close()
 
@@ -177,9 +171,9 @@ def test_sigterm_finishes_short_replies_and_saves_long_ones(server_factory: Any)
         quick_client.events(quick, stop_after=2)
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(timeout=20)
-        row = reply_row(server.database, quick)
+        row = reply_row(server, quick)
         assert row["status"] == "complete"
-        assert integrity(server.database) == "ok"
+        assert server.integrity() == "ok"
     finally:
         quick_client.close()
 
@@ -194,9 +188,9 @@ def test_sigterm_checkpoints_a_long_reply_as_interrupted(server_factory: Any) ->
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(timeout=20)
         assert time.monotonic() - started < 10  # graceful timeout is 5 s in tests
-        row = reply_row(server.database, url)
+        row = reply_row(server, url)
         assert row["status"] == "interrupted"
         assert row["content"], "the text written before the deploy was lost"
-        assert integrity(server.database) == "ok"
+        assert server.integrity() == "ok"
     finally:
         client.close()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from .chat_client import ChatClient
-from .conftest import screenshot, start_server
+from .conftest import screenshot, share
 from .upstream import Reply, Upstream, fixture_bytes, fixture_reply
 
 pytestmark = pytest.mark.e2e
@@ -114,7 +114,7 @@ def test_stop_from_another_instance_cancels_the_upstream(server_factory: Any,
         up.next(Reply.generated(tokens=400, rate=20))
         first = server_factory(env=upstream_env(up))
         (tmp_path / "b").mkdir()
-        second = start_server(tmp_path / "b", env=upstream_env(up), database=first.database)
+        second = share(first, tmp_path / "b", env=upstream_env(up))
         a, b = ChatClient(first.url), ChatClient(second.url)
         try:
             _, url = a.send("stop me elsewhere")

@@ -61,10 +61,7 @@ def test_replies_converge_whatever_worker_serves_each_request(server_factory: An
     for thread in threads:
         thread.join(timeout=90)
     assert failures == []
-    import sqlite3
-    with sqlite3.connect(server.database) as db:
-        rows = db.execute("SELECT status, worker_id FROM messages WHERE role = 'assistant'"
-                          ).fetchall()
-    assert [status for status, _ in rows] == ["complete"] * 8
-    owners = {worker.split(":")[1] for _, worker in rows}
+    rows = server.rows("SELECT status, worker_id FROM messages WHERE role = 'assistant'")
+    assert [row["status"] for row in rows] == ["complete"] * 8
+    owners = {row["worker_id"].split(":")[1] for row in rows}
     assert len(owners) >= 2, "all replies ran on one worker: the test proved nothing"
