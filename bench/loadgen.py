@@ -130,6 +130,18 @@ def core_busy() -> dict[str, float]:
     return busy
 
 
+def tcp_counters() -> dict[str, int]:
+    """Return the kernel's listen-queue overflow and SYN retransmit counters."""
+    wanted = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+    with open("/proc/net/netstat", encoding="ascii") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return {name: int(table.get(name, 0)) for name in wanted}
+    return {}
+
+
 def client_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -672,7 +684,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.phase_file:  # tell the harness the clock starts (it may attach a profiler)
         with open(args.phase_file, "w", encoding="utf-8") as f:
             f.write("streaming\n")
-    busy0 = core_busy()
+    busy0, tcp0 = core_busy(), tcp_counters()
     cpu0, ccpu0, t0 = cpu_seconds(pids), client_cpu(), time.monotonic()
     sampler = asyncio.ensure_future(sample_server(pids, live, samples, stop))
     watcher = asyncio.ensure_future(watch_loop(loop_lags, stop))
@@ -691,6 +703,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ccpu = client_cpu() - ccpu0
     busy = {core: round(100 * (seconds - busy0.get(core, 0.0)) / wall, 1)
             for core, seconds in core_busy().items()} if wall else {}
+    tcp = {name: count - tcp0.get(name, 0) for name, count in tcp_counters().items()}
     stop.set()
     await asyncio.gather(sampler, watcher)
     missing = users * repeat - len(streams)  # tabs whose setup failed never streamed
@@ -721,6 +734,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # Every process's CPU on each core: what is not the server's or the
         # client's is someone else's load, i.e. noise in this run.
         "core_busy_pct": busy,
+        # Connections the kernel dropped because the server's accept queue was full
+        # (the client's SYN is then retried after 1 s, 3 s, ...): machine-wide counts.
+        "tcp": tcp,
         "samples": [[round(s[0] - t0, 3), s[1], round(s[2] - cpu0, 3), s[3]] for s in samples],
     })
     return result

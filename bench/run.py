@@ -102,8 +102,8 @@ class Server:
                 "WEBCHAT_REPLIES_IN_FLIGHT": "1000000000",
             })
             if pythonpath:
-                env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath,
-                                                                  env.get("PYTHONPATH")]))
+                env["PYTHONPATH"] = os.pathsep.join(
+                    filter(None, [str(Path(pythonpath).resolve()), env.get("PYTHONPATH")]))
             argv = [sys.executable, "-m", "gunicorn", "-c", "python:webchat.gunicorn_conf",
                     "--workers", "1", "--bind", f"127.0.0.1:{self.port}", app]
         elif name == "flask_min":
@@ -437,9 +437,16 @@ def search(name: str, grid: list[dict[str, Any]], rate: float, steps: int,
     runs = sorted((r for r in grid if r["server"] == name and r["config"]["rate"] == rate),
                   key=lambda r: r["streams"])
     tried = {r["streams"]: sustainable(r) for r in runs}
+    extra = []
+    for r in runs:  # a grid fail that other load may have caused is measured again
+        if not tried[r["streams"]] and r.get("contention_pct", 0) > opts.retry_above \
+                and "error" not in r:
+            again = measure(name, r["streams"], rate, opts, workdir)
+            log(brief(again) + ("  sustainable" if sustainable(again) else "  NOT sustainable"))
+            extra.append(again)
+            tried[r["streams"]] = sustainable(again)
     lo = max((n for n, ok in tried.items() if ok), default=0)
     hi = min((n for n, ok in tried.items() if not ok and n > lo), default=None)
-    extra = []
     if hi is not None:
         for _ in range(steps):
             if hi - lo <= max(25, lo // 10):
@@ -473,6 +480,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fast-repeat", type=int, default=5,
                         help="replies each of the 100 fast-model users streams back to back")
     parser.add_argument("--no-grid", action="store_true", help="skip the N x R grid")
+    parser.add_argument("--resume", default="",
+                        help="keep the grid of this earlier result file and redo the rest "
+                             "(search, fast models, idle tabs, profile; unless switched off)")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each run, wait up to this many seconds for the machine's "
                              "other load to drop under 15%% per core (0: do not wait)")
@@ -533,13 +543,27 @@ def main() -> None:
     servers = [s for s in opts.servers.split(",") if s]
     streams = [int(n) for n in opts.streams.split(",")]
     rates = [float(r) for r in opts.rates.split(",")]
+    if opts.resume:
+        previous = json.loads(Path(opts.resume).read_text(encoding="utf-8"))
     doc: dict[str, Any] = {"environment": environment(), "nofile": limit,
                            "pinned": two_cores, "quick": opts.quick,
                            "criteria": {"lag_p99_ms": LAG_P99_MS,
                                         "first_event_p99_ms": FIRST_EVENT_P99_MS},
                            "grid": [], "capacity": [], "fast": [], "idle": None,
-                           "profile": None}
+                           "profile": None, "stages": []}
     started = time.monotonic()
+    if opts.resume:
+        # Keep the grid (and whatever this run does not redo) of an earlier run.
+        doc["grid"] = previous["grid"]
+        doc["resumed_from"] = {"file": opts.resume, "environment": previous["environment"],
+                               "total_seconds": previous.get("total_seconds"),
+                               "stages": previous.get("stages"),
+                               "resumed_from": previous.get("resumed_from")}
+        for key, skipped in (("capacity", not opts.search_steps), ("fast", opts.no_fast),
+                             ("idle", opts.no_idle), ("profile", opts.no_profile)):
+            if skipped:
+                doc[key] = previous.get(key)
+        started -= previous.get("total_seconds") or 0.0
 
     def save() -> None:
         doc["total_seconds"] = round(time.monotonic() - started, 1)
@@ -550,7 +574,7 @@ def main() -> None:
     log(f"{len(servers)} servers x N {streams} x R {rates}; results -> {out}")
     with tempfile.TemporaryDirectory(prefix="webchat-bench-") as tmp:
         workdir = Path(tmp)
-        for rate in [] if opts.no_grid else rates:
+        for rate in [] if opts.no_grid or opts.resume else rates:
             for n in streams:
                 for name in servers:
                     collapsed = next((r for r in doc["grid"] if r["server"] == name
@@ -568,12 +592,18 @@ def main() -> None:
                     else:
                         result = measure(name, n, rate, opts, workdir)
                     doc["grid"].append(result)
+                    if "grid" not in doc["stages"]:
+                        doc["stages"].append("grid")
                     log(brief(result))
                     save()
         if opts.search_steps and 20.0 in rates:
+            if opts.resume:  # keep the earlier search of servers not searched now
+                doc["capacity"] = [c for c in previous.get("capacity") or []
+                                   if c["server"] not in servers]
             for name in servers:
                 doc["capacity"].append(search(name, doc["grid"], 20.0, opts.search_steps, opts,
                                               workdir))
+                doc["stages"].append(f"search {name}")
                 save()
         if not opts.no_fast:
             for name, coalesce in (("webchat", 0.0), ("flask_min", 40.0)):
@@ -581,6 +611,7 @@ def main() -> None:
                     result = measure(name, 100, 1000.0, opts, workdir, repeat=opts.fast_repeat,
                                      coalesce_ms=coalesce)
                     doc["fast"].append(result)
+                    doc["stages"].append(f"fast models {name}")
                     log(brief(result))
                     save()
         if not opts.no_idle and "webchat" in servers:
@@ -598,6 +629,7 @@ def main() -> None:
             finally:
                 server.stop()
             log(f"idle tabs: {doc['idle']}")
+            doc["stages"].append("idle tabs")
             save()
         if not opts.no_profile and "webchat" in servers:
             result = measure("webchat", opts.profile_streams, 20.0, opts, workdir, profile=True)
@@ -606,6 +638,7 @@ def main() -> None:
                               "wall": str(opts.profile_wall.relative_to(ROOT)),
                               "seconds": opts.profile_seconds}
             log("profiled: " + brief(result))
+            doc["stages"].append("profile")
             save()
     save()
     log(f"done in {doc['total_seconds']:.0f} s: {out}")
