@@ -229,3 +229,21 @@ def test_a_full_conversation_says_so(tmp_path: Any) -> None:
                ).get_data()
     third = client.post("/chat", data={"text": "three", "conversation": cid}, headers=headers)
     assert third.status_code == 409 and "full" in third.get_data(as_text=True)
+
+
+def test_a_busy_worker_turns_new_replies_away_with_503(tmp_path: Any) -> None:
+    app = create_app({"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+                      "BACKEND": "demo", "MAX_REPLIES_PER_WORKER": 1})
+    client = app.test_client()
+    url, _ = start_turn(client)
+    runner = app.extensions["webchat.runner"]
+    runner.runs["someone-else"] = object()  # the worker is writing its one reply
+    busy = client.get(url)
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "10"
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    refused = client.post("/chat", data={"text": "more"},
+                          headers={"HX-Request": "true", "X-CSRF-Token": token})
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "10"
+    assert "busy" in refused.get_data(as_text=True)
+    del runner.runs["someone-else"]
+    assert [name for name, _ in events_of(client.get(url).get_data(as_text=True))][-1] == "done"

@@ -188,6 +188,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Replies one session may have in progress at once."),
     Setting("WEBCHAT_ADDRESS_REPLIES_IN_FLIGHT", "ADDRESS_REPLIES_IN_FLIGHT", _positive_int, 32,
             "Replies one client address may have in progress at once."),
+    Setting("WEBCHAT_MAX_REPLIES_PER_WORKER", "MAX_REPLIES_PER_WORKER", _positive_int, 400,
+            "Replies one worker writes at once; past it new ones get 503 with Retry-After "
+            "(better a clear 'busy' than every stream slowing down)."),
     Setting("WEBCHAT_COALESCE_MS", "COALESCE_MS", _positive_int, 40,
             "Updates of a streaming reply are gathered into windows of this many milliseconds."),
     Setting("WEBCHAT_PING_SECONDS", "PING_SECONDS", _positive_float, 15.0,

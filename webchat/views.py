@@ -479,6 +479,7 @@ def send() -> Any:
     db = get_db()
     address = request.remote_addr or ""
     _check_rate(db, owner, address)
+    _admit()
     models = backend().models()
     model = request.form.get("model") or models[0]
     if model not in models:
@@ -563,6 +564,7 @@ def _page_without_javascript(owner: str, cid: str, reply: store.Row) -> Response
 def _start_if_pending(owner: str, cid: str, reply: store.Row) -> None:
     """Start the reply's run in this worker if nobody has yet (the owner's first look)."""
     if reply["status"] == "pending":
+        _admit()
         conv = store.get_conversation(get_db(), owner, cid)
         assert conv is not None
         runner().claim_and_start(reply, _settings(conv), _history(conv, reply))
@@ -588,6 +590,27 @@ def _reply_loader(owner: str, cid: str, mid: str) -> Callable[[], store.Row | No
 
 def _settings(conv: store.Row) -> Settings:
     return Settings(model=conv["model"] or backend().models()[0], temperature=conv["temperature"])
+
+
+class ServerBusy(HTTPException):
+    """503 with a Retry-After header: this worker writes as many replies as it may."""
+
+    code = 503
+    name = "Busy"
+
+    def __init__(self, retry_after: int = 10) -> None:
+        super().__init__(gettext("The server is busy writing other replies. Try again in a "
+                                 "few seconds."))
+        self.retry_after = retry_after
+
+    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        return [*super().get_headers(*args, **kwargs), ("Retry-After", str(self.retry_after))]
+
+
+def _admit() -> None:
+    """Turn a new reply away at once when this worker is at its limit."""
+    if len(runner().runs) >= current_app.config["MAX_REPLIES_PER_WORKER"]:
+        raise ServerBusy()
 
 
 class TooManyRequests(HTTPException):
