@@ -386,7 +386,7 @@ def test_workers_starting_together_migrate_once(database: str) -> None:
             applied.append(store.upgrade(connection))
 
     in_threads(4, start_up)
-    assert sorted(applied) == [[]] * 3 + [[1]]
+    assert sorted(applied) == [[]] * 3 + [[1, 2]]
 
 
 def test_a_sqlite_file_from_before_versions_is_upgraded_in_place(tmp_path: Path) -> None:
@@ -396,13 +396,36 @@ def test_a_sqlite_file_from_before_versions_is_upgraded_in_place(tmp_path: Path)
     old.executescript(script)
     old.execute("INSERT INTO conversations (id, owner, title, created_at, updated_at)"
                 " VALUES ('c1', 's:a', 'kept', 1, 1)")
+    old.execute("INSERT INTO messages (id, conversation_id, position, role, content, status,"
+                " created_at, updated_at) VALUES ('m1', 'c1', 0, 'user', 'findable words',"
+                " 'complete', 1, 1)")
     old.commit()
     old.close()
     db = store.connect(str(path))
     assert store.schema_version(db) == 0
-    assert store.upgrade(db) == [1]
+    assert store.upgrade(db) == [1, 2]
     assert store.get_conversation(db, "s:a", "c1")["title"] == "kept"
+    # The search index was rebuilt, keyed by rowid, with what was there.
+    assert [r["id"] for r in store.search(db, "s:a", "findable")] == ["m1"]
     db.close()
+
+
+def test_the_search_index_follows_edits_replies_and_deletes(database: str,
+                                                           db: store.Connection) -> None:
+    cid = store.create_conversation(db, "s:alice")
+    user, reply, _ = store.add_turn(db, cid, "about zebras", model="demo")
+    store.claim_message(db, reply["id"], "w1")
+    store.checkpoint(db, "w1", [(reply["id"], "stripes are half done", "")])
+    assert store.search(db, "s:alice", "stripes") == []  # not indexed while streaming
+    store.finish_message(db, reply["id"], "w1", status="complete",
+                         content="stripes everywhere", reasoning="")
+    assert [r["id"] for r in store.search(db, "s:alice", "stripes")] == [reply["id"]]
+    store.edit_turn(db, cid, user["id"], "about horses", model="demo")
+    assert store.search(db, "s:alice", "zebras") == []
+    assert store.search(db, "s:alice", "stripes") == []  # the old reply went with the edit
+    assert [r["id"] for r in store.search(db, "s:alice", "horses")] == [user["id"]]
+    store.delete_conversation(db, "s:alice", cid)
+    assert store.search(db, "s:alice", "horses") == []
 
 
 # Changes: news of replies written elsewhere ----------------------------------------
@@ -603,7 +626,7 @@ def test_the_db_command_upgrades_the_configured_store(
         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'configured.sqlite3'}")
     assert db_main(["upgrade"]) == 0
-    assert "schema version 1 (applied 1)" in capsys.readouterr().out
+    assert "schema version 2 (applied 1, 2)" in capsys.readouterr().out
     assert db_main(["upgrade"]) == 0
     assert "already up to date" in capsys.readouterr().out
 

@@ -55,7 +55,7 @@ TITLE_CHARS = 60
 
 # Migrations: version N is the N-th file (in the package, beside this module).
 # Append a file to change the schema; never edit one that has been released.
-MIGRATIONS: tuple[str, ...] = ("schema.sql",)
+MIGRATIONS: tuple[str, ...] = ("schema.sql", "schema_002_fts_rowid.sql")
 _MIGRATION_LOCK = 0x77656263  # PostgreSQL advisory lock: one instance migrates at a time
 NOTIFY_CHANNEL = "webchat_messages"  # the schema's trigger notifies it with a reply's id
 POOL_SIZE = 10  # most PostgreSQL connections one process keeps (create_app sets it)
@@ -1004,7 +1004,7 @@ def search(db: Connection, owner: str, query: str,
         return db.execute(
             "SELECT m.*, c.title AS title,"
             f" snippet(messages_fts, 0, '{SNIPPET_START}', '{SNIPPET_END}', '…', 48) AS snippet"
-            " FROM messages_fts f JOIN messages m ON m.id = f.message_id"
+            " FROM messages_fts f JOIN messages m ON m.rowid = f.rowid"
             " JOIN conversations c ON c.id = m.conversation_id"
             " WHERE messages_fts MATCH ? AND c.owner = ? ORDER BY rank LIMIT ?",
             (phrase, owner, limit)).fetchall()
