@@ -212,10 +212,11 @@ def test_second_stream_is_queued_until_the_first_ends(tiny_model: Path) -> None:
 
 
 def test_greenlets_queue_for_the_model_too(tiny_model: Path) -> None:
-    backend = LocalBackend(model_path=tiny_model)
+    backend = LocalBackend(model_path=tiny_model, n_ctx=4096)
     first: list[tuple[float, Delta]] = []
     second: list[tuple[float, Delta]] = []
-    one = gevent.spawn(_collect, backend.stream(HELLO, Settings(max_tokens=400)), first)
+    # Long enough that the second request surely arrives while the first runs.
+    one = gevent.spawn(_collect, backend.stream(HELLO, Settings(max_tokens=3000)), first)
     while not first:
         gevent.sleep(0.001)
     two = gevent.spawn(_collect, backend.stream(HELLO, Settings(max_tokens=50)), second)
@@ -280,7 +281,8 @@ def test_killing_the_reading_greenlet_stops_generation(tiny_model: Path) -> None
 def test_killing_the_reader_during_a_long_prompt_stops_within_a_chunk(tiny_model: Path) -> None:
     backend = LocalBackend(model_path=tiny_model, n_ctx=16384)
     # ~15000 prompt tokens: seconds of evaluation, in chunks of PREFILL_CHUNK tokens.
-    long_message = [ChatMessage("user", "abcd " * 3000)]
+    # Unique, so no earlier test's prompt is in the model's cache.
+    long_message = [ChatMessage("user", f"{time.time_ns()} " + "abcd " * 3000)]
     received: list[Delta] = []
     reader = gevent.spawn(lambda: received.extend(backend.stream(long_message, Settings())))
     gevent.sleep(0.2)
@@ -323,7 +325,7 @@ def test_generation_does_not_block_the_gevent_loop(tiny_model: Path) -> None:
             global generating
             tokens = 0
             started = time.perf_counter()
-            for delta in backend.stream([ChatMessage("user", "go")], Settings(max_tokens=600)):
+            for delta in backend.stream([ChatMessage("user", "go")], Settings(max_tokens=2500)):
                 if delta.usage:
                     tokens = delta.usage["completion_tokens"]
             generating = False
@@ -337,7 +339,7 @@ def test_generation_does_not_block_the_gevent_loop(tiny_model: Path) -> None:
     """)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["tokens"] == 600
+    assert report["tokens"] == 2500
     assert report["seconds"] > 0.5, f"generation was too quick to prove anything: {report}"
     assert report["ticks"] > report["seconds"] / 0.02, report
     # Generation takes over a second; a loop blocked by it would stall for all of it.
