@@ -355,7 +355,12 @@ class Runner:
             event_id = _event_id(content, reasoning)
             sent_any = False
             if reasoning != sent_reasoning:
-                yield Update("think", reasoning, event_id)
+                # Reasoning only grows: send what is new, not all of it again
+                # (a reasoning model's thinking runs to thousands of tokens).
+                if reasoning.startswith(sent_reasoning):
+                    yield Update("thought", reasoning[len(sent_reasoning):], event_id)
+                else:
+                    yield Update("think", reasoning, event_id)
                 sent_reasoning, sent_any = reasoning, True
             if queued != sent_queued:
                 yield Update("status", "queued" if queued else "generating", event_id)

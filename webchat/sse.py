@@ -15,6 +15,7 @@ SNAPSHOT = "snapshot"  # replace the reply body with everything so far
 DELTA = "delta"  # replace the still-open last block (and append newly finished ones, out of band)
 TEXT = "text"  # append raw (escaped) text to the still-open block
 THINK = "think"  # replace the reasoning ("Thinking") text
+THOUGHT = "thought"  # append new reasoning text
 STATUS = "status"  # replace the reply's status line (queued, generating)
 DONE = "done"  # replace the whole message with its final form; closes the stream
 ERROR = "error"  # replace the whole message with its error form; closes the stream

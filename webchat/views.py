@@ -734,8 +734,8 @@ def stream(cid: str, mid: str) -> Response:
                                     update.event_id)
         if update.kind == sse.TEXT:
             return sse.encode_event(sse.TEXT, str(escape(update.html)), update.event_id)
-        if update.kind == sse.THINK:
-            return sse.encode_event(sse.THINK, str(escape(update.html)), update.event_id)
+        if update.kind in (sse.THINK, sse.THOUGHT):
+            return sse.encode_event(update.kind, str(escape(update.html)), update.event_id)
         if update.kind == sse.STATUS:
             return sse.encode_event(sse.STATUS, status_text.get(update.html, ""), update.event_id)
         return sse.encode_event(update.kind, update.html, update.event_id)
