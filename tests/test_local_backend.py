@@ -207,7 +207,10 @@ def test_second_stream_is_queued_until_the_first_ends(tiny_model: Path) -> None:
     assert first[0][1].queued is None and first[-1][1].finish_reason == "length"
     assert [d.queued for _, d in second[:2]] == [True, False]
     assert second[0][0] < first[-1][0], "the second stream was not told it is queued"
-    assert second[1][0] >= first[-1][0], "the second stream started before the first ended"
+    # The model is free once the first stream's last token is out; its closing delta
+    # (usage, finish reason) may be collected a moment after the second one starts.
+    last_token = max(t for t, d in first if d.text)
+    assert second[1][0] >= last_token, "the second stream started before the first ended"
     assert second[-1][1].usage == {"prompt_tokens": 21, "completion_tokens": 50}
 
 

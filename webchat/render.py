@@ -456,8 +456,6 @@ class StreamRenderer:
         self._tail = ""
         self._references: dict[str, Any] = {}  # link definitions from finished text
         self._seen = -1  # for feed_growing: chars of the reply already on the page
-        self._scanned = 0  # for feed_growing: searched for a blank line up to here
-        self._blank_pending = False  # a blank line came after the finished blocks
 
     @property
     def blocks_count(self) -> int:
@@ -487,25 +485,18 @@ class StreamRenderer:
         """
         if self._seen < 0:
             new_blocks, tail = self.feed(text)
-            self._seen = self._scanned = len(text)
+            self._seen = len(text)
             return new_blocks, mark_growing(tail), ""
-        added = text[self._seen :]
-        self._seen = len(text)
+        seen, self._seen = self._seen, len(text)
+        added = text[seen:]
         if not added or ("\n" not in added and "\r" not in added):
             return [], None, added
-        if not self._blank_pending:
-            # A blank line may end just inside what came before: look back a little.
-            start = max(self._offset, self._scanned - 4)
-            self._blank_pending = _BLANK_LINE.search(text, start) is not None
-            self._scanned = len(text)
-            if not self._blank_pending:
-                return [], None, added
+        if not _completes_block_start(text, max(self._offset, _line_above_start(text, seen))):
+            return [], None, added
         before = self._offset
         new_blocks, render_tail = self._advance(text)
         if self._offset == before:
             return [], None, added
-        self._blank_pending = False
-        self._scanned = self._offset
         self._tail = render_tail()
         return new_blocks, mark_growing(self._tail), ""
 
@@ -545,7 +536,30 @@ class StreamRenderer:
 
 # Closing tags of blocks (not of inline elements) at the end of the tail: text grows
 # before them. A code block's ``</code>`` counts, an inline one's does not.
-_BLANK_LINE = re.compile(r"(?:\r\n|\r|\n)[ \t]*(?:\r\n|\r|\n)")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _line_above_start(text: str, end: int) -> int:
+    """Return where the line above the line open at ``end`` starts (0 if there is none)."""
+    open_start = max(text.rfind("\n", 0, end), text.rfind("\r", 0, end)) + 1
+    if open_start == 0:
+        return 0
+    above_end = open_start - 1
+    if text[above_end] == "\n" and above_end > 0 and text[above_end - 1] == "\r":
+        above_end -= 1  # a CRLF
+    return max(text.rfind("\n", 0, above_end), text.rfind("\r", 0, above_end)) + 1
+
+
+def _completes_block_start(text: str, start: int) -> bool:
+    """Tell whether a complete, non-blank line right under a blank line follows ``start``.
+
+    Only such a line can start a block that finishes the blocks above it (see
+    ``StreamRenderer``), so only then is the open tail worth parsing again.
+    Caveat: ``start`` must be a line start.
+    """
+    lines = _LINE_BREAK.split(text[start:])
+    return any(not lines[i - 1].strip(" \t") and lines[i].strip(" \t")
+               for i in range(1, len(lines) - 1))
 _TRAILING_CLOSERS = re.compile(
     r"(?:\s*</(?:p|li|ul|ol|pre|div|blockquote|table|tbody|thead|tr|td|th|h[1-6]|math)>"
     r"|\s*</code>(?=\s*</pre>))+\s*$")

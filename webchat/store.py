@@ -239,12 +239,43 @@ def _sqlite_connection(path: str) -> sqlite3.Connection:
     raw.execute("PRAGMA synchronous = NORMAL")
     raw.execute("PRAGMA foreign_keys = ON")
     raw.execute("PRAGMA busy_timeout = 5000")
+    raw.execute(f"PRAGMA wal_autocheckpoint = {_wal_autocheckpoint_pages}")
     kept[key] = raw
     while len(kept) > _SQLITE_KEPT:
         (pid, _), old = kept.popitem(last=False)
         if pid == os.getpid():
             old.close()
     return raw
+
+
+# WAL checkpoints. SQLite runs one in the commit that makes the WAL reach 1000 pages,
+# and a checkpoint writes the database file and fsyncs it: in a gevent worker that
+# stalls every stream for as long as the disk takes (measured: lag p99 of 1,000
+# streams 0.25 s with the store on tmpfs, 0.55-0.78 s on disk). A worker therefore
+# calls ``defer_wal_checkpoints`` and runs ``checkpoint_wal`` in a real thread.
+_wal_autocheckpoint_pages = 1000  # SQLite's default
+
+
+def defer_wal_checkpoints(pages: int = 25_000) -> None:
+    """Let commits in this process checkpoint the WAL only past ``pages`` (a safety net).
+
+    Caveat: whoever calls this must run ``checkpoint_wal`` often, off the event loop.
+    """
+    global _wal_autocheckpoint_pages
+    _wal_autocheckpoint_pages = pages
+    for raw in getattr(_sqlite_local, "connections", {}).values():
+        raw.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+
+
+def checkpoint_wal(database: str) -> None:
+    """Copy what it can of a SQLite store's WAL into the database file; nothing on PostgreSQL.
+
+    A PASSIVE checkpoint: it never waits for readers or writers. Caveat: it blocks
+    on file writes and fsync, so a gevent worker runs it in a real thread (with that
+    thread's own connection).
+    """
+    if not is_postgres(database):
+        _sqlite_connection(sqlite_path(database)).execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def _keep_open(raw: Any) -> None:

@@ -26,7 +26,6 @@ from flask import (
     request,
     session,
     stream_template,
-    stream_with_context,
     url_for,
 )
 from flask_babel import format_decimal, gettext
@@ -704,46 +703,86 @@ def stream(cid: str, mid: str) -> Response:
     _close_db()  # the stream may last minutes: hold no connection meanwhile
     load = _reply_loader(owner, cid, mid)
 
+    tail = runner().tail(mid, load)
     message_macro = get_template_attribute("_partials.html", "message")
     snapshot_macro = get_template_attribute("_partials.html", "reply_body")
     delta_macro = get_template_attribute("_partials.html", "reply_delta")
     status_text = {"queued": gettext("Queued: waiting for the model…"),
                    "generating": gettext("Generating…")}
+    failed = sse.encode_event(sse.ERROR, str(_error_bubble(mid)))
+    # The closing event renders the whole message (links, the CSRF token, the
+    # reader's language) in a request context made anew from this request's
+    # environ when it is needed: the stream runs after the view has returned, and
+    # holding a copy of the context for the whole stream cost 4 KB per stream.
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    environ = request.environ
+
+    def final_html(row: store.Row) -> str:
+        with app.request_context(environ):
+            return str(message_macro(row, cid, keep_body=True))
 
     def events() -> Iterator[bytes]:
         yield sse.encode_retry(2000)
         try:
-            for update in runner().tail(mid, load):
+            for update in tail:
                 yield _encode(update)
         except Exception:
             logger.exception("stream of %s failed", mid)
-            yield sse.encode_event(sse.ERROR, str(_error_bubble(mid)))
+            yield failed
 
     def _encode(update: Update) -> bytes:
-        if update.kind == "ping":
+        kind = update.kind
+        if kind == sse.TEXT:  # most events: a token or a few
+            return sse.encode_event(sse.TEXT, escape(update.html), update.event_id)
+        if kind == "ping":
             return sse.encode_comment("ping")
         if update.message is not None:
             # The page already holds the final body (the last delta): keep it.
-            final = message_macro(update.message, cid, keep_body=True)
-            return sse.encode_event(update.kind, str(final), update.event_id)
-        if update.kind == sse.SNAPSHOT:
+            return sse.encode_event(kind, final_html(update.message), update.event_id)
+        if kind == sse.SNAPSHOT:
             body = snapshot_macro(mid, update.html, update.tail)
             return sse.encode_event(sse.SNAPSHOT, str(body), update.event_id)
-        if update.kind == sse.DELTA:
+        if kind == sse.DELTA:
             return sse.encode_event(sse.DELTA, str(delta_macro(mid, update.html, update.tail)),
                                     update.event_id)
-        if update.kind == sse.TEXT:
-            return sse.encode_event(sse.TEXT, str(escape(update.html)), update.event_id)
-        if update.kind in (sse.THINK, sse.THOUGHT):
-            return sse.encode_event(update.kind, str(escape(update.html)), update.event_id)
-        if update.kind == sse.STATUS:
+        if kind in (sse.THINK, sse.THOUGHT):
+            return sse.encode_event(kind, escape(update.html), update.event_id)
+        if kind == sse.STATUS:
             return sse.encode_event(sse.STATUS, status_text.get(update.html, ""), update.event_id)
-        return sse.encode_event(update.kind, update.html, update.event_id)
+        return sse.encode_event(kind, update.html, update.event_id)
 
-    response = Response(stream_with_context(events()), mimetype="text/event-stream")
+    response = EventStreamResponse(events(), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache, no-transform"
     response.headers["X-Accel-Buffering"] = "no"
     return response
+
+
+class _EventStreamBody:
+    """A stream's WSGI body: the server iterates the event generator itself."""
+
+    def __init__(self, events: Iterator[bytes], close: Callable[[], None]) -> None:
+        self._events = events
+        self._close = close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._events
+
+    def close(self) -> None:
+        self._close()
+
+
+class EventStreamResponse(Response):
+    """A response whose body is an event generator, handed to the server as it is.
+
+    Why: werkzeug wraps a body in two Python iterators (``ClosingIterator`` around
+    ``iter_encoded``), a cost paid on every event, one per token. Caveat: the
+    generator must yield bytes; ``close`` (and the ``call_on_close`` hooks) still run.
+    """
+
+    def get_app_iter(self, environ: dict[str, Any]) -> Any:
+        if environ["REQUEST_METHOD"] == "HEAD" or self.response is None:
+            return super().get_app_iter(environ)
+        return _EventStreamBody(iter(self.response), self.close)  # type: ignore[arg-type]
 
 
 def _error_bubble(mid: str) -> Markup:

@@ -70,18 +70,22 @@ class DemoBackend:
         error path can be seen and tested.
         """
         reply = demo_reply(messages)
-        tokens = tokenize(reply)
-        fail_at = len(tokens) // 2 if messages and messages[-1].content.strip() == "/error" else -1
+        # Tokens are found as they go, not kept in a list: a list of ~200 small
+        # strings per reply cost more memory than everything else a stream holds.
+        tokens = 0
+        failing = bool(messages) and messages[-1].content.strip() == "/error"
+        fail_at = len(tokenize(reply)) // 2 if failing else -1
         yield Delta(model=MODEL)
         start = time.monotonic()
         interval = 1.0 / self.tokens_per_second
-        for index, token in enumerate(tokens):
+        for index, match in enumerate(_TOKEN.finditer(reply)):
             if index == fail_at:
                 raise BackendError("The demo model failed on purpose (you sent /error).")
             delay = start + index * interval - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            yield Delta(text=token)
+            yield Delta(text=match.group())
+            tokens += 1
         yield Delta(finish_reason="stop",
                     usage={"prompt_tokens": sum(len(tokenize(m.content)) for m in messages),
-                           "completion_tokens": len(tokens)})
+                           "completion_tokens": tokens})
