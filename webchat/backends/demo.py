@@ -56,8 +56,9 @@ class DemoBackend:
 
     name = "demo"
 
-    def __init__(self, tokens_per_second: float = 40.0) -> None:
+    def __init__(self, tokens_per_second: float = 40.0, batch_seconds: float = 0.02) -> None:
         self.tokens_per_second = tokens_per_second
+        self.batch_seconds = batch_seconds
 
     def models(self) -> list[str]:
         """Return the one demo model."""
@@ -65,6 +66,9 @@ class DemoBackend:
 
     def stream(self, messages: list[ChatMessage], settings: Settings) -> Iterator[Delta]:
         """Yield the demo reply, one word every 1/tokens_per_second seconds.
+
+        Caveat: above 1/batch_seconds tokens per second, the words come in batches
+        of those due (each late by less than ``batch_seconds``).
 
         A user message of exactly ``/error`` makes the demo fail half-way, so the
         error path can be seen and tested.
@@ -76,14 +80,19 @@ class DemoBackend:
         failing = bool(messages) and messages[-1].content.strip() == "/error"
         fail_at = len(tokenize(reply)) // 2 if failing else -1
         yield Delta(model=MODEL)
-        start = time.monotonic()
+        start = woke = time.monotonic()
         interval = 1.0 / self.tokens_per_second
         for index, match in enumerate(_TOKEN.finditer(reply)):
             if index == fail_at:
                 raise BackendError("The demo model failed on purpose (you sent /error).")
-            delay = start + index * interval - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            due = start + index * interval
+            now = time.monotonic()
+            if due > now:
+                # Faster than one token per ``batch_seconds``, the tokens due meanwhile
+                # come out together, as a fast upstream's network reads bring several:
+                # a wake per token at 1,000 tokens/s would cost more than the rest.
+                time.sleep(max(due, woke + self.batch_seconds) - now)
+                woke = time.monotonic()
             yield Delta(text=match.group())
             tokens += 1
         yield Delta(finish_reason="stop",
