@@ -67,5 +67,5 @@ def test_error_message_fails_half_way(clock: FakeClock) -> None:
     with pytest.raises(demo.BackendError, match="on purpose"):
         for delta in backend.stream([ChatMessage("user", "/error")], Settings()):
             texts.append(delta.text)
-    expected = demo.tokenize(demo.demo_reply([ChatMessage("user", "/error")]))
+    expected = list(demo._tokens([ChatMessage("user", "/error")]))
     assert "".join(texts) == "".join(expected[: len(expected) // 2])

@@ -247,3 +247,24 @@ def test_a_busy_worker_turns_new_replies_away_with_503(tmp_path: Any) -> None:
     assert "busy" in refused.get_data(as_text=True)
     del runner.runs["someone-else"]
     assert [name for name, _ in events_of(client.get(url).get_data(as_text=True))][-1] == "done"
+
+
+def test_a_stream_that_breaks_ends_with_an_error_event_in_the_readers_language(
+        app: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, _ = start_turn(client)
+    runner = app.extensions["webchat.runner"]
+    real_tail = runner.tail
+
+    def breaking_tail(*args: Any, **kwargs: Any) -> Any:
+        tail = real_tail(*args, **kwargs)
+        yield next(tail)  # the snapshot, then something goes wrong
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "tail", breaking_tail)
+    client.set_cookie("lang", "zh_Hans")
+    body = client.get(url).get_data(as_text=True)
+    assert [name for name, _ in events_of(body)] == ["snapshot", "error"]
+    error = body.split("event: error\n", 1)[1]
+    assert 'role="alert"' in error and "Reload the page to see the reply." not in error
+    assert re.search(r"[\u4e00-\u9fff]", error), error
+    assert "boom" not in body

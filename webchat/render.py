@@ -450,9 +450,11 @@ class StreamRenderer:
     whose definition comes after the finished block that uses it stays literal text.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_blocks: bool = True) -> None:
         self._offset = 0  # chars of the reply covered by finished blocks
-        self._blocks: list[str] = []
+        self._blocks: list[str] = []  # for ``snapshot``, unless keep_blocks is False
+        self._keep_blocks = keep_blocks
+        self._count = 0
         self._tail = ""
         self._references: dict[str, Any] = {}  # link definitions from finished text
         self._seen = -1  # for feed_growing: chars of the reply already on the page
@@ -460,7 +462,7 @@ class StreamRenderer:
     @property
     def blocks_count(self) -> int:
         """Return how many finished blocks have been rendered."""
-        return len(self._blocks)
+        return self._count
 
     def feed(self, text: str) -> tuple[list[str], str]:
         """Return the HTML of blocks finished since the last call, and of the open tail.
@@ -525,12 +527,18 @@ class StreamRenderer:
                 _parse(finished, finished_env)
                 self._references = finished_env["references"]
             self._offset += cut
-            self._blocks.extend(new_blocks)
+            self._count += len(new_blocks)
+            if self._keep_blocks:
+                self._blocks.extend(new_blocks)
         tail_tokens = tokens[starts[last] :] if starts else []
         return new_blocks, lambda: _render_tokens(tail_tokens, env) if tail_tokens else ""
 
     def snapshot(self) -> str:
-        """Return all finished blocks and the open tail as one HTML string."""
+        """Return all finished blocks and the open tail as one HTML string.
+
+        Caveat: with ``keep_blocks=False`` (a stream's tail, which sends each block
+        once and then needs it no more) only the open tail.
+        """
         return "".join(self._blocks) + self._tail
 
 

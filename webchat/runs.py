@@ -40,7 +40,7 @@ class StopRun(Exception):  # noqa: N818 - it is a signal, not an error
     """Raised inside a run's greenlet to stop it."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Run:
     """The live state of one reply being generated in this worker."""
 
@@ -337,7 +337,7 @@ class Runner:
         if row is None:
             return
         run = self.runs.get(message_id) if self._pid == os.getpid() else None
-        renderer = StreamRenderer()
+        renderer = StreamRenderer(keep_blocks=False)
         content, reasoning, queued = _state(run, row)
         seen = run.version if run is not None else -1
         event_id = _event_id(content, reasoning)

@@ -707,19 +707,22 @@ def stream(cid: str, mid: str) -> Response:
     message_macro = get_template_attribute("_partials.html", "message")
     snapshot_macro = get_template_attribute("_partials.html", "reply_body")
     delta_macro = get_template_attribute("_partials.html", "reply_delta")
-    status_text = {"queued": gettext("Queued: waiting for the model…"),
-                   "generating": gettext("Generating…")}
-    failed = sse.encode_event(sse.ERROR, str(_error_bubble(mid)))
-    # The closing event renders the whole message (links, the CSRF token, the
-    # reader's language) in a request context made anew from this request's
-    # environ when it is needed: the stream runs after the view has returned, and
-    # holding a copy of the context for the whole stream cost 4 KB per stream.
+    # What needs the reader's language, links or the CSRF token (the closing
+    # message, a status line, the failure notice) is rendered in a request context
+    # made anew from this request's environ when it is needed: the stream runs after
+    # the view has returned, and a context copy held all along cost 4 KB a stream.
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     environ = request.environ
 
     def final_html(row: store.Row) -> str:
         with app.request_context(environ):
             return str(message_macro(row, cid, keep_body=True))
+
+    def status_html(status: str) -> str:
+        with app.request_context(environ):
+            if status == "queued":
+                return gettext("Queued: waiting for the model…")
+            return gettext("Generating…") if status == "generating" else ""
 
     def events() -> Iterator[bytes]:
         yield sse.encode_retry(2000)
@@ -728,6 +731,8 @@ def stream(cid: str, mid: str) -> Response:
                 yield _encode(update)
         except Exception:
             logger.exception("stream of %s failed", mid)
+            with app.request_context(environ):
+                failed = sse.encode_event(sse.ERROR, str(_error_bubble(mid)))
             yield failed
 
     def _encode(update: Update) -> bytes:
@@ -748,7 +753,7 @@ def stream(cid: str, mid: str) -> Response:
         if kind in (sse.THINK, sse.THOUGHT):
             return sse.encode_event(kind, escape(update.html), update.event_id)
         if kind == sse.STATUS:
-            return sse.encode_event(sse.STATUS, status_text.get(update.html, ""), update.event_id)
+            return sse.encode_event(sse.STATUS, status_html(update.html), update.event_id)
         return sse.encode_event(kind, update.html, update.event_id)
 
     response = EventStreamResponse(events(), mimetype="text/event-stream")

@@ -37,13 +37,26 @@ To talk to a real model, start webchat with `OPENAI_API_KEY` (and `OPENAI_BASE_U
 another provider) or install the built-in local model, and set `WEBCHAT_BACKEND`."""
 
 
-def demo_reply(messages: list[ChatMessage]) -> str:
-    """Return the full reply the demo gives to this conversation."""
+# The reply around the quote, shared by every stream: a stream holds only its quote.
+_BEFORE, _AFTER = TEMPLATE.format(quote="\0").split("\0")
+
+
+def _quote(messages: list[ChatMessage]) -> str:
     last = next((m.content for m in reversed(messages) if m.role == "user"), "")
     quote = " ".join(last.split())
-    if len(quote) > 200:
-        quote = quote[:199] + "…"
-    return TEMPLATE.format(quote=quote)
+    return quote[:199] + "…" if len(quote) > 200 else quote
+
+
+def demo_reply(messages: list[ChatMessage]) -> str:
+    """Return the full reply the demo gives to this conversation."""
+    return _BEFORE + _quote(messages) + _AFTER
+
+
+def _tokens(messages: list[ChatMessage]) -> Iterator[str]:
+    """Yield the reply's tokens (the quote is tokenized on its own)."""
+    for part in (_BEFORE, _quote(messages), _AFTER):
+        for match in _TOKEN.finditer(part):
+            yield match.group()
 
 
 def tokenize(text: str) -> list[str]:
@@ -73,16 +86,15 @@ class DemoBackend:
         A user message of exactly ``/error`` makes the demo fail half-way, so the
         error path can be seen and tested.
         """
-        reply = demo_reply(messages)
-        # Tokens are found as they go, not kept in a list: a list of ~200 small
-        # strings per reply cost more memory than everything else a stream holds.
+        # Tokens are found as they go, not kept in a list (nor the reply): a list of
+        # ~200 small strings per reply cost more memory than the rest of a stream.
         tokens = 0
         failing = bool(messages) and messages[-1].content.strip() == "/error"
-        fail_at = len(tokenize(reply)) // 2 if failing else -1
+        fail_at = sum(1 for _ in _tokens(messages)) // 2 if failing else -1
         yield Delta(model=MODEL)
         start = woke = time.monotonic()
         interval = 1.0 / self.tokens_per_second
-        for index, match in enumerate(_TOKEN.finditer(reply)):
+        for index, token in enumerate(_tokens(messages)):
             if index == fail_at:
                 raise BackendError("The demo model failed on purpose (you sent /error).")
             due = start + index * interval
@@ -93,7 +105,7 @@ class DemoBackend:
                 # a wake per token at 1,000 tokens/s would cost more than the rest.
                 time.sleep(max(due, woke + self.batch_seconds) - now)
                 woke = time.monotonic()
-            yield Delta(text=match.group())
+            yield Delta(text=token)
             tokens += 1
         yield Delta(finish_reason="stop",
                     usage={"prompt_tokens": sum(len(tokenize(m.content)) for m in messages),
