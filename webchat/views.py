@@ -721,8 +721,8 @@ def stream(cid: str, mid: str) -> Response:
     def status_html(status: str) -> str:
         with app.request_context(environ):
             if status == "queued":
-                return gettext("Queued: waiting for the model…")
-            return gettext("Generating…") if status == "generating" else ""
+                return str(gettext("Queued: waiting for the model…"))
+            return str(gettext("Generating…")) if status == "generating" else ""
 
     def events() -> Iterator[bytes]:
         yield sse.encode_retry(2000)
