@@ -156,6 +156,14 @@ def is_embed_request() -> bool:
     """
     if not has_request_context():
         return False
+    # Asked up to five times a request (the session's cookie settings): answer once.
+    known: bool | None = request.environ.get("webchat.embed")
+    if known is None:
+        known = request.environ["webchat.embed"] = _is_embed_request()
+    return known
+
+
+def _is_embed_request() -> bool:
     if request.path == "/embed" or request.headers.get(EMBED_HEADER) == "1":
         return True
     name = current_app.config["SESSION_COOKIE_NAME"]
