@@ -355,7 +355,8 @@ def goals(doc: dict[str, Any]) -> list[str]:
         rows.append(("Memory: <= 40 KB per streaming reply",
                      f"{fmt(kb)} KB (N={best['streams']:,}, R={best['config']['rate']:g}, "
                      f"{best['open_at_rss_sample']:,} open at the sample)", verdict(kb <= 40)))
-    over = [r for r in grid if r["server"] == "webchat" and "error" not in r]
+    over = ([doc["overload"]] if doc.get("overload") and "error" not in doc["overload"]
+            else [r for r in grid if r["server"] == "webchat" and "error" not in r])
     if over:
         worst = max(over, key=lambda r: (r["streams"], r["config"]["rate"]))
         refused = worst["statuses"].get("503", 0)

@@ -82,8 +82,8 @@ class Server:
     """One server process tree started by the harness (and stopped by it, by PID)."""
 
     def __init__(self, name: str, rate: float, workdir: Path, core: int | None,
-                 db_dir: str = "", app: str = "webchat:create_app()", pythonpath: str = ""
-                 ) -> None:
+                 db_dir: str = "", app: str = "webchat:create_app()", pythonpath: str = "",
+                 default_limits: bool = False) -> None:
         self.name = name
         self.port = free_port()
         self.log_path = LOGS / f"{name}-{self.port}.log"
@@ -101,6 +101,10 @@ class Server:
                 "WEBCHAT_MESSAGES_PER_MINUTE": "1000000000",
                 "WEBCHAT_REPLIES_IN_FLIGHT": "1000000000",
             })
+            if not default_limits:
+                # Measure what the code carries, not the configured admission limit
+                # (the overload stage keeps it: there, turning streams away is the point).
+                env["WEBCHAT_MAX_REPLIES_PER_WORKER"] = "1000000000"
             if pythonpath:
                 env["PYTHONPATH"] = os.pathsep.join(
                     filter(None, [str(Path(pythonpath).resolve()), env.get("PYTHONPATH")]))
@@ -298,7 +302,7 @@ def measure_once(name: str, streams: int, rate: float, opts: argparse.Namespace,
 def _measure(name: str, streams: int, rate: float, opts: argparse.Namespace, workdir: Path, *,
              repeat: int, coalesce_ms: float, profile: bool, started: float) -> dict[str, Any]:
     server = Server(name, rate, workdir, opts.server_core, opts.db_dir, opts.webchat_app,
-                    opts.pythonpath)
+                    opts.pythonpath, default_limits=getattr(opts, "default_limits", False))
     try:
         server.wait_ready()
         # Warm-up: imports, templates, JIT, first allocations; not measured.
@@ -499,6 +503,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-fast", action="store_true")
     parser.add_argument("--no-idle", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-overload", action="store_true")
+    parser.add_argument("--overload-streams", type=int, default=1000,
+                        help="webchat's streams (R=20) with its default reply limit")
     parser.add_argument("--profile-streams", type=int, default=300,
                         help="webchat's streams (R=20) while py-spy samples its worker")
     parser.add_argument("--profile-seconds", type=int, default=8)
@@ -550,6 +557,7 @@ def main() -> None:
                            "criteria": {"lag_p99_ms": LAG_P99_MS,
                                         "first_event_p99_ms": FIRST_EVENT_P99_MS},
                            "grid": [], "capacity": [], "fast": [], "idle": None,
+                           "overload": None,
                            "profile": None, "stages": []}
     started = time.monotonic()
     if opts.resume:
@@ -560,7 +568,8 @@ def main() -> None:
                                "stages": previous.get("stages"),
                                "resumed_from": previous.get("resumed_from")}
         for key, skipped in (("capacity", not opts.search_steps), ("fast", opts.no_fast),
-                             ("idle", opts.no_idle), ("profile", opts.no_profile)):
+                             ("idle", opts.no_idle), ("profile", opts.no_profile),
+                             ("overload", opts.no_overload)):
             if skipped:
                 doc[key] = previous.get(key)
         started -= previous.get("total_seconds") or 0.0
@@ -614,6 +623,17 @@ def main() -> None:
                     doc["stages"].append(f"fast models {name}")
                     log(brief(result))
                     save()
+        if not opts.no_overload and "webchat" in servers:
+            # Past capacity with webchat's production admission limit
+            # (WEBCHAT_MAX_REPLIES_PER_WORKER): the streams over it must get a 503 at once.
+            opts.default_limits = True
+            try:
+                doc["overload"] = measure("webchat", opts.overload_streams, 20.0, opts, workdir)
+            finally:
+                opts.default_limits = False
+            doc["stages"].append("overload")
+            log("overload: " + brief(doc["overload"]))
+            save()
         if not opts.no_idle and "webchat" in servers:
             if opts.quiet_wait and opts.quiet_budget > 0:
                 opts.quiet_budget -= wait_quiet(min(opts.quiet_wait, opts.quiet_budget))["waited_s"]

@@ -67,5 +67,12 @@ def test_error_message_fails_half_way(clock: FakeClock) -> None:
     with pytest.raises(demo.BackendError, match="on purpose"):
         for delta in backend.stream([ChatMessage("user", "/error")], Settings()):
             texts.append(delta.text)
-    expected = list(demo._tokens([ChatMessage("user", "/error")]))
+    expected = list(demo.demo_tokens([ChatMessage("user", "/error")]))
     assert "".join(texts) == "".join(expected[: len(expected) // 2])
+
+
+@pytest.mark.parametrize("text", ["", "w", " ".join(["w"] * 100), "“quoted”", "a\tb  c\n\nd",
+                                  "x" * 300, "你好 👋", "end with space ", "   "])
+def test_tokens_are_those_of_the_whole_reply(text: str) -> None:
+    messages = [ChatMessage("user", text)]
+    assert list(demo.demo_tokens(messages)) == demo.tokenize(demo.demo_reply(messages))

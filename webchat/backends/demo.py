@@ -52,11 +52,24 @@ def demo_reply(messages: list[ChatMessage]) -> str:
     return _BEFORE + _quote(messages) + _AFTER
 
 
-def _tokens(messages: list[ChatMessage]) -> Iterator[str]:
-    """Yield the reply's tokens (the quote is tokenized on its own)."""
+def demo_tokens(messages: list[ChatMessage]) -> Iterator[str]:
+    """Yield the tokens of ``demo_reply(messages)``, exactly as ``tokenize`` splits it.
+
+    The parts are tokenized one by one (so that no stream holds a copy of the whole
+    reply); a token that a part boundary cuts is joined again.
+    """
+    pending = ""  # the last token of the parts so far: the next part may continue it
     for part in (_BEFORE, _quote(messages), _AFTER):
         for match in _TOKEN.finditer(part):
-            yield match.group()
+            token = match.group()
+            if pending and (pending.isspace()
+                            or (not pending[-1].isspace() and not token[0].isspace())):
+                token = pending + token
+            elif pending:
+                yield pending
+            pending = token
+    if pending:
+        yield pending
 
 
 def tokenize(text: str) -> list[str]:
@@ -90,11 +103,11 @@ class DemoBackend:
         # ~200 small strings per reply cost more memory than the rest of a stream.
         tokens = 0
         failing = bool(messages) and messages[-1].content.strip() == "/error"
-        fail_at = sum(1 for _ in _tokens(messages)) // 2 if failing else -1
+        fail_at = sum(1 for _ in demo_tokens(messages)) // 2 if failing else -1
         yield Delta(model=MODEL)
         start = woke = time.monotonic()
         interval = 1.0 / self.tokens_per_second
-        for index, token in enumerate(_tokens(messages)):
+        for index, token in enumerate(demo_tokens(messages)):
             if index == fail_at:
                 raise BackendError("The demo model failed on purpose (you sent /error).")
             due = start + index * interval
