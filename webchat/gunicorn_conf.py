@@ -5,6 +5,7 @@ Caveat: gunicorn reads this file in the master; the hooks run in workers.
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import shutil
@@ -41,7 +42,14 @@ if _made_metrics_dir:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Note when the worker is told to stop, so its replies get what is left of the grace."""
+    """Freeze what the app made at start; note when the worker is told to stop.
+
+    Freezing: the modules, templates and catalogs loaded by now live as long as the
+    worker, and a full garbage collection that walks them too stalled every stream
+    for up to 72 ms (measured at 550 streams; 18 ms once frozen).
+    """
+    gc.collect()
+    gc.freeze()
     gunicorn_handler = worker.handle_exit
 
     def handle_exit(sig: int, frame: Any) -> None:
