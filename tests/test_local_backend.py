@@ -216,17 +216,21 @@ def test_second_stream_is_queued_until_the_first_ends(tiny_model: Path) -> None:
 
 def test_greenlets_queue_for_the_model_too(tiny_model: Path) -> None:
     backend = LocalBackend(model_path=tiny_model, n_ctx=4096)
-    first: list[tuple[float, Delta]] = []
-    second: list[tuple[float, Delta]] = []
-    # Long enough that the second request surely arrives while the first runs.
-    one = gevent.spawn(_collect, backend.stream(HELLO, Settings(max_tokens=3000)), first)
-    while not first:
-        gevent.sleep(0.001)
-    two = gevent.spawn(_collect, backend.stream(HELLO, Settings(max_tokens=50)), second)
+    # The second request is made as soon as the first holds the model, before any
+    # greenlet reads the first one's tokens (a reader that never has to wait would
+    # drain them all before the second greenlet even ran, on a busy machine).
+    long_reply = backend.stream(HELLO, Settings(max_tokens=3000))
+    first: list[tuple[float, Delta]] = [(time.monotonic(), next(long_reply))]
+    short_reply = backend.stream(HELLO, Settings(max_tokens=50))
+    second: list[tuple[float, Delta]] = [(time.monotonic(), next(short_reply))]
+    one = gevent.spawn(_collect, long_reply, first)
+    two = gevent.spawn(_collect, short_reply, second)
     gevent.joinall([one, two], timeout=30, raise_error=True)
 
     assert [d.queued for _, d in second[:2]] == [True, False]
-    assert second[0][0] < first[-1][0] <= second[1][0]
+    last_of_first = max(t for t, d in first if d.text)
+    first_of_second = min(t for t, d in second if d.text)
+    assert second[0][0] < last_of_first < first_of_second
     assert first[-1][1].finish_reason == second[-1][1].finish_reason == "length"
 
 
