@@ -77,7 +77,7 @@ class Run:
 
         Caveat: check ``version`` and ``status`` before waiting; a wake may bring
         no news. (A bare gevent Waiter: a tail waits once per token, and an Event
-        per wait cost more than the rest of the tail's work for that token.)
+        made and set for each cost 2.5 µs more per wake, of about 20.)
         """
         waiter = Waiter()
         self.waiters.append(waiter)
@@ -291,7 +291,8 @@ class Runner:
         """Save every changed reply's text, beat the heart, pick up stop requests.
 
         Written in batches of ``CHECKPOINT_BATCH`` replies with the streams let run
-        in between: one write holds the whole worker (2,000 replies in one took ~30 ms).
+        in between: one write holds the whole worker (about 8 µs a reply, so 2,000
+        replies in one transaction would stop every stream for over 16 ms).
         """
         dirty = [run for run in self.runs.values() if run.dirty]
         for run in dirty:
