@@ -714,15 +714,9 @@ def stream(cid: str, mid: str) -> Response:
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     environ = request.environ
 
-    def final_html(row: store.Row) -> str:
+    def in_request(render: Callable[[], Any]) -> str:
         with app.request_context(environ):
-            return str(message_macro(row, cid, keep_body=True))
-
-    def status_html(status: str) -> str:
-        with app.request_context(environ):
-            if status == "queued":
-                return str(gettext("Queued: waiting for the model…"))
-            return str(gettext("Generating…")) if status == "generating" else ""
+            return str(render())
 
     def events() -> Iterator[bytes]:
         yield sse.encode_retry(2000)
@@ -731,9 +725,7 @@ def stream(cid: str, mid: str) -> Response:
                 yield _encode(update)
         except Exception:
             logger.exception("stream of %s failed", mid)
-            with app.request_context(environ):
-                failed = sse.encode_event(sse.ERROR, str(_error_bubble(mid)))
-            yield failed
+            yield sse.encode_event(sse.ERROR, in_request(lambda: _error_bubble(mid)))
 
     def _encode(update: Update) -> bytes:
         kind = update.kind
@@ -743,7 +735,9 @@ def stream(cid: str, mid: str) -> Response:
             return sse.encode_comment("ping")
         if update.message is not None:
             # The page already holds the final body (the last delta): keep it.
-            return sse.encode_event(kind, final_html(update.message), update.event_id)
+            row = update.message
+            return sse.encode_event(
+                kind, in_request(lambda: message_macro(row, cid, keep_body=True)), update.event_id)
         if kind == sse.SNAPSHOT:
             body = snapshot_macro(mid, update.html, update.tail)
             return sse.encode_event(sse.SNAPSHOT, str(body), update.event_id)
@@ -753,7 +747,8 @@ def stream(cid: str, mid: str) -> Response:
         if kind in (sse.THINK, sse.THOUGHT):
             return sse.encode_event(kind, escape(update.html), update.event_id)
         if kind == sse.STATUS:
-            return sse.encode_event(sse.STATUS, status_html(update.html), update.event_id)
+            text = _STATUS_TEXT.get(update.html)
+            return sse.encode_event(sse.STATUS, in_request(text) if text else "", update.event_id)
         return sse.encode_event(kind, update.html, update.event_id)
 
     response = EventStreamResponse(events(), mimetype="text/event-stream")
@@ -788,6 +783,13 @@ class EventStreamResponse(Response):
         if environ["REQUEST_METHOD"] == "HEAD" or self.response is None:
             return super().get_app_iter(environ)
         return _EventStreamBody(iter(self.response), self.close)  # type: ignore[arg-type]
+
+
+# A reply's status line, in the reader's language (rendered inside a request context).
+_STATUS_TEXT: dict[str, Callable[[], str]] = {
+    "queued": lambda: gettext("Queued: waiting for the model…"),
+    "generating": lambda: gettext("Generating…"),
+}
 
 
 def _error_bubble(mid: str) -> Markup:
