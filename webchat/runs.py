@@ -120,6 +120,10 @@ class Runner:
         self.coalesce_seconds = coalesce_seconds
         self.ping_seconds = ping_seconds
         self.runs: dict[str, Run] = {}
+        # Set by the gunicorn worker (gunicorn_conf): SQLite WAL checkpoints run in a
+        # real thread instead of inside commits. Off elsewhere (tests, scripts), where
+        # many runners may share a process.
+        self.wal_in_thread = False
         self._checkpointer: Greenlet | None = None
         self._pid = -1
         self.worker_id = ""
@@ -135,7 +139,8 @@ class Runner:
             self.runs = {}
             self._checkpointer = None
         if self._checkpointer is None or self._checkpointer.dead:
-            store.defer_wal_checkpoints()
+            if self.wal_in_thread:
+                store.defer_wal_checkpoints()
             self._checkpointer = gevent.spawn(self._checkpoint_loop)
 
     def claim_and_start(self, message: store.Row, settings: Settings,
@@ -274,7 +279,7 @@ class Runner:
                 self.checkpoint()
             except Exception:
                 logger.exception("checkpoint failed")
-            if not store.is_postgres(self.database):
+            if self.wal_in_thread and not store.is_postgres(self.database):
                 try:
                     # In a real thread: it writes the database file and fsyncs it.
                     get_hub().threadpool.apply(store.checkpoint_wal, (self.database,))
