@@ -299,21 +299,19 @@ class Runner:
         in between: one write holds the whole worker (about 8 µs a reply, so 2,000
         replies in one transaction would stop every stream for over 16 ms).
         """
+        if not self.runs:
+            return  # nothing to save, nobody to stop, and no reply needs the heartbeat
         dirty = [run for run in self.runs.values() if run.dirty]
         for run in dirty:
             run.dirty = False
-        for start in range(0, max(len(dirty), 1), CHECKPOINT_BATCH):
-            if start:
-                gevent.sleep(0)
-            batch = dirty[start:start + CHECKPOINT_BATCH]
-            db = store.connect(self.database)
-            try:
-                store.checkpoint(db, self.worker_id,
-                                 [(r.message_id, r.content, r.reasoning) for r in batch])
-            finally:
-                db.close()
         db = store.connect(self.database)
         try:
+            for start in range(0, max(len(dirty), 1), CHECKPOINT_BATCH):
+                if start:
+                    gevent.sleep(0)  # outside a transaction: the streams run meanwhile
+                batch = dirty[start:start + CHECKPOINT_BATCH]
+                store.checkpoint(db, self.worker_id,
+                                 [(r.message_id, r.content, r.reasoning) for r in batch])
             stops = store.stop_requested(db, list(self.runs))
         finally:
             db.close()
