@@ -28,8 +28,13 @@ class FakeClock:
 
 
 def stream_on(clock: FakeClock, backend: demo.DemoBackend) -> list[tuple[float, str]]:
-    """Return (time, text) of each token the demo yields."""
+    """Return (time, text) of each delta the demo yields."""
     return [(clock.now, d.text) for d in backend.stream(MESSAGES, Settings()) if d.text]
+
+
+def tokens_of(deltas: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """Return (time, token) of each token in the deltas."""
+    return [(t, token) for t, text in deltas for token in demo.tokenize(text)]
 
 
 @pytest.fixture
@@ -51,13 +56,16 @@ def test_slow_rates_yield_each_token_on_its_own_schedule(clock: FakeClock) -> No
 def test_fast_rates_come_in_batches_never_early_and_late_by_under_a_batch(
         clock: FakeClock) -> None:
     rate, batch = 1000.0, 0.02
-    tokens = stream_on(clock, demo.DemoBackend(tokens_per_second=rate, batch_seconds=batch))
+    deltas = stream_on(clock, demo.DemoBackend(tokens_per_second=rate, batch_seconds=batch))
+    tokens = tokens_of(deltas)
+    assert [token for _, token in tokens] == list(demo.demo_tokens(MESSAGES))
     start = tokens[0][0]
     lateness = [t - (start + i / rate) for i, (t, _) in enumerate(tokens)]
     assert min(lateness) >= -1e-9, "a token came before it was due"
     assert max(lateness) < batch
-    # About one wake per batch, not one per token.
+    # About one wake and one delta per batch, not one per token.
     assert len(clock.sleeps) <= len(tokens) / rate / batch + 2
+    assert len(deltas) <= len(clock.sleeps) + 1 < len(tokens) / 10
     assert "".join(text for _, text in tokens) == demo.demo_reply(MESSAGES)
 
 
@@ -72,7 +80,20 @@ def test_error_message_fails_half_way(clock: FakeClock) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "w", " ".join(["w"] * 100), "“quoted”", "a\tb  c\n\nd",
-                                  "x" * 300, "你好 👋", "end with space ", "   "])
+                                  "x" * 300, "你好 👋", "end with space ", "   ", "/long 3",
+                                  "/long 0", " /long 12 "])
 def test_tokens_are_those_of_the_whole_reply(text: str) -> None:
     messages = [ChatMessage("user", text)]
     assert list(demo.demo_tokens(messages)) == demo.tokenize(demo.demo_reply(messages))
+
+
+def test_long_repeats_the_reply() -> None:
+    messages = [ChatMessage("user", "/long 40")]
+    reply = demo.demo_reply(messages)
+    assert reply == "\n\n".join([demo.TEMPLATE.format(quote="/long 40")] * 40)
+    assert sum(1 for _ in demo.demo_tokens(messages)) == len(demo.tokenize(reply))
+    assert sum(1 for _ in demo.demo_tokens(messages)) > 40 * 90
+    # Not a command: the text is only quoted, once.
+    assert demo.demo_reply([ChatMessage("user", "/long story")]).count("demo model") == 1
+    huge = demo.demo_reply([ChatMessage("user", "/long 999999")])
+    assert huge.count("demo model") == demo.MAX_REPEATS

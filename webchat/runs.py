@@ -365,7 +365,10 @@ class Runner:
         if queued:
             yield Update("status", "queued", event_id)
         sent_reasoning, sent_queued = reasoning, queued
-        last_sent = time.monotonic()
+        last_sent = time.monotonic()  # anything, a keep-alive too: for the next keep-alive
+        # The last increment: the next one waits out the coalescing window after it. Not
+        # the snapshot: the first token, which comes right after it, would wait a window.
+        last_increment = float("-inf")
         while True:
             if run is not None:
                 if run.status == "streaming" and run.version == seen:
@@ -375,7 +378,7 @@ class Runner:
                             last_sent = time.monotonic()
                             yield Update("ping")
                         continue
-                    pause = last_sent + self.coalesce_seconds - time.monotonic()
+                    pause = last_increment + self.coalesce_seconds - time.monotonic()
                     if pause > 0:
                         gevent.sleep(pause)
                 seen = run.version
@@ -441,7 +444,7 @@ class Runner:
                 sent_any = True
             now = time.monotonic()
             if sent_any:
-                last_sent = now
+                last_sent = last_increment = now
             elif now - last_sent >= self.ping_seconds:
                 yield Update("ping")
                 last_sent = now

@@ -41,15 +41,36 @@ another provider) or install the built-in local model, and set `WEBCHAT_BACKEND`
 _BEFORE, _AFTER = TEMPLATE.format(quote="\0").split("\0")
 
 
+_LONG = re.compile(r"/long\s+(\d{1,6})")
+MAX_REPEATS = 1000  # a "/long N" reply repeats the demo reply at most this often
+
+
+def _last_user_message(messages: list[ChatMessage]) -> str:
+    return next((m.content for m in reversed(messages) if m.role == "user"), "")
+
+
 def _quote(messages: list[ChatMessage]) -> str:
-    last = next((m.content for m in reversed(messages) if m.role == "user"), "")
-    quote = " ".join(last.split())
+    quote = " ".join(_last_user_message(messages).split())
     return quote[:199] + "…" if len(quote) > 200 else quote
+
+
+def _repeats(messages: list[ChatMessage]) -> int:
+    """Return how often the reply repeats: N for a message ``/long N``, else once."""
+    match = _LONG.fullmatch(_last_user_message(messages).strip())
+    return min(max(int(match.group(1)), 1), MAX_REPEATS) if match else 1
 
 
 def demo_reply(messages: list[ChatMessage]) -> str:
     """Return the full reply the demo gives to this conversation."""
-    return _BEFORE + _quote(messages) + _AFTER
+    return "\n\n".join([_BEFORE + _quote(messages) + _AFTER] * _repeats(messages))
+
+
+def _parts(messages: list[ChatMessage]) -> Iterator[str]:
+    quote = _quote(messages)
+    for repeat in range(_repeats(messages)):
+        if repeat:
+            yield "\n\n"
+        yield from (_BEFORE, quote, _AFTER)
 
 
 def demo_tokens(messages: list[ChatMessage]) -> Iterator[str]:
@@ -59,7 +80,7 @@ def demo_tokens(messages: list[ChatMessage]) -> Iterator[str]:
     reply); a token that a part boundary cuts is joined again.
     """
     pending = ""  # the last token of the parts so far: the next part may continue it
-    for part in (_BEFORE, _quote(messages), _AFTER):
+    for part in _parts(messages):
         for match in _TOKEN.finditer(part):
             token = match.group()
             if pending and (pending.isspace()
@@ -93,11 +114,12 @@ class DemoBackend:
     def stream(self, messages: list[ChatMessage], settings: Settings) -> Iterator[Delta]:
         """Yield the demo reply, one word every 1/tokens_per_second seconds.
 
-        Caveat: above 1/batch_seconds tokens per second, the words come in batches
-        of those due (each late by less than ``batch_seconds``).
+        Caveat: above 1/batch_seconds tokens per second, the words due come
+        together in one delta (each late by less than ``batch_seconds``).
 
         A user message of exactly ``/error`` makes the demo fail half-way, so the
-        error path can be seen and tested.
+        error path can be seen and tested; ``/long N`` makes it repeat its reply N
+        times (at most ``MAX_REPEATS``), for a long reply.
         """
         # Tokens are found as they go, not kept in a list (nor the reply): a list of
         # ~200 small strings per reply cost more memory than the rest of a stream.
@@ -107,19 +129,28 @@ class DemoBackend:
         yield Delta(model=MODEL)
         start = woke = time.monotonic()
         interval = 1.0 / self.tokens_per_second
+        due_now: list[str] = []  # tokens due and not yet yielded
         for index, token in enumerate(demo_tokens(messages)):
             if index == fail_at:
+                if due_now:
+                    yield Delta(text="".join(due_now))
                 raise BackendError("The demo model failed on purpose (you sent /error).")
             due = start + index * interval
             now = time.monotonic()
             if due > now:
+                if due_now:
+                    yield Delta(text="".join(due_now))
+                    due_now = []
                 # Faster than one token per ``batch_seconds``, the tokens due meanwhile
-                # come out together, as a fast upstream's network reads bring several:
-                # a wake per token at 1,000 tokens/s would cost more than the rest.
+                # come out together, in one delta, as a fast upstream's network reads
+                # bring several: a wake and a delta per token at 1,000 tokens/s would
+                # cost more than the rest.
                 time.sleep(max(due, woke + self.batch_seconds) - now)
                 woke = time.monotonic()
-            yield Delta(text=token)
+            due_now.append(token)
             tokens += 1
+        if due_now:
+            yield Delta(text="".join(due_now))
         yield Delta(finish_reason="stop",
                     usage={"prompt_tokens": sum(len(tokenize(m.content)) for m in messages),
                            "completion_tokens": tokens})
