@@ -203,12 +203,59 @@ def loadgen(server: Server, args: list[str], core: int | None, timeout: float,
 
 # One measurement ---------------------------------------------------------------
 
+def demo_tokens(message: str) -> int:
+    """Return how many tokens the demo's reply to ``message`` has (190 for DEMO_MESSAGE)."""
+    from webchat.backends.base import ChatMessage
+    from webchat.backends.demo import demo_reply, tokenize
+    return len(tokenize(demo_reply([ChatMessage("user", message)])))
+
+
+def render_floor(message: str, streams: int, rate: float,
+                 window_ms: float = 40.0) -> dict[str, Any]:
+    """Measure what rendering alone costs webchat in the fast-model stage, as a core's share.
+
+    The demo's reply to ``message`` is fed to a stream's renderer as the stage streams
+    it (the tokens of one coalescing window at a time, then the closing render), in
+    this process, pinned to the server's core; the CPU per reply is scaled to
+    ``streams`` replies at ``rate`` tokens/s. Rendering on the server is the design
+    (webchat sends HTML), so no server of webchat's can stream for less.
+    """
+    from webchat.backends.base import ChatMessage
+    from webchat.backends.demo import demo_tokens as tokens_of
+    from webchat.render import StreamRenderer
+
+    tokens = list(tokens_of([ChatMessage("user", message)]))
+    per_update = max(1, round(rate * window_ms / 1000))
+
+    def one_reply() -> None:
+        renderer, text = StreamRenderer(keep_blocks=False), ""
+        for i in range(0, len(tokens), per_update):
+            text += "".join(tokens[i:i + per_update])
+            renderer.feed_growing(text)
+        StreamRenderer(keep_blocks=False).feed(text)  # the closing event's own render
+
+    one_reply()  # imports and lexers
+    replies = 5
+    started = time.process_time()
+    for _ in range(replies):
+        one_reply()
+    cpu_per_reply = (time.process_time() - started) / replies
+    seconds_per_reply = len(tokens) / rate
+    return {"tokens_per_reply": len(tokens), "tokens_per_update": per_update,
+            "cpu_ms_per_reply": round(cpu_per_reply * 1000, 2),
+            "cpu_us_per_token": round(cpu_per_reply / len(tokens) * 1e6, 2),
+            "core_pct_at_load": round(100 * streams * cpu_per_reply / seconds_per_reply, 1)}
+
+
 def load_args(name: str, streams: int, rate: float, tokens: int, *, repeat: int = 1,
-              coalesce_ms: float = 0.0) -> tuple[list[str], float]:
-    """Return the load generator's arguments and the nominal seconds of one reply."""
+              coalesce_ms: float = 0.0, message: str = DEMO_MESSAGE) -> tuple[list[str], float]:
+    """Return the load generator's arguments and the nominal seconds of one reply.
+
+    Webchat's replies are the demo's reply to ``message``; the peers' have ``tokens``.
+    """
     if name == "webchat":
-        seconds = 190 / rate  # the demo's reply to DEMO_MESSAGE; the real count is measured
-        args = ["--target", "webchat", "--message", DEMO_MESSAGE,
+        seconds = demo_tokens(message) / rate
+        args = ["--target", "webchat", "--message", message,
                 "--expect-seconds", f"{seconds:g}", "--setup-concurrency", "16"]
     else:
         seconds = tokens / rate
@@ -255,19 +302,21 @@ def contention(result: dict[str, Any]) -> float:
 
 
 def measure(name: str, streams: int, rate: float, opts: argparse.Namespace, workdir: Path, *,
-            repeat: int = 1, coalesce_ms: float = 0.0, profile: bool = False) -> dict[str, Any]:
+            repeat: int = 1, coalesce_ms: float = 0.0, profile: bool = False,
+            message: str = DEMO_MESSAGE, tokens: int | None = None) -> dict[str, Any]:
     """Measure once; again (once) if other load on the machine took much of a core.
 
     Of two tries, the less disturbed one is kept; both contention figures are kept.
     """
+    shape = {"message": message, "tokens": tokens}
     result = measure_once(name, streams, rate, opts, workdir, repeat=repeat,
-                          coalesce_ms=coalesce_ms, profile=profile)
+                          coalesce_ms=coalesce_ms, profile=profile, **shape)
     disturbed = contention(result)
     if disturbed > opts.retry_above and opts.retries > 0 and not profile:
         opts.retries -= 1
         log(f"{name} N={streams} R={rate:g}: others took {disturbed:.0f}% of a core; again")
         again = measure_once(name, streams, rate, opts, workdir, repeat=repeat,
-                             coalesce_ms=coalesce_ms, profile=profile)
+                             coalesce_ms=coalesce_ms, profile=profile, **shape)
         if contention(again) < disturbed:
             again["first_try"] = {k: result.get(k) for k in (
                 "completed", "lag_ms", "first_event_ms", "core_busy_pct", "server_cpu_pct")}
@@ -279,8 +328,8 @@ def measure(name: str, streams: int, rate: float, opts: argparse.Namespace, work
 
 
 def measure_once(name: str, streams: int, rate: float, opts: argparse.Namespace, workdir: Path,
-                 *, repeat: int = 1, coalesce_ms: float = 0.0, profile: bool = False
-                 ) -> dict[str, Any]:
+                 *, repeat: int = 1, coalesce_ms: float = 0.0, profile: bool = False,
+                 message: str = DEMO_MESSAGE, tokens: int | None = None) -> dict[str, Any]:
     """Start a fresh server, warm it up, load it, stop it; return the load's result."""
     quiet: dict[str, Any] = {}
     if opts.quiet_wait and opts.quiet_budget > 0:
@@ -289,7 +338,8 @@ def measure_once(name: str, streams: int, rate: float, opts: argparse.Namespace,
     started = time.monotonic()
     try:
         result = _measure(name, streams, rate, opts, workdir, repeat=repeat,
-                          coalesce_ms=coalesce_ms, profile=profile, started=started)
+                          coalesce_ms=coalesce_ms, profile=profile, started=started,
+                          message=message, tokens=tokens)
         result["machine"] = quiet
         return result
     except RuntimeError as exc:  # one broken configuration does not end the run
@@ -300,7 +350,8 @@ def measure_once(name: str, streams: int, rate: float, opts: argparse.Namespace,
 
 
 def _measure(name: str, streams: int, rate: float, opts: argparse.Namespace, workdir: Path, *,
-             repeat: int, coalesce_ms: float, profile: bool, started: float) -> dict[str, Any]:
+             repeat: int, coalesce_ms: float, profile: bool, started: float,
+             message: str = DEMO_MESSAGE, tokens: int | None = None) -> dict[str, Any]:
     server = Server(name, rate, workdir, opts.server_core, opts.db_dir, opts.webchat_app,
                     opts.pythonpath, default_limits=getattr(opts, "default_limits", False))
     try:
@@ -313,8 +364,8 @@ def _measure(name: str, streams: int, rate: float, opts: argparse.Namespace, wor
             warm, seconds = load_args(name, 50, 1000, 200)
             warm[warm.index("--ramp") + 1] = "0.1"
         loadgen(server, warm, opts.client_core, timeout=seconds + 60)
-        args, seconds = load_args(name, streams, rate, opts.tokens, repeat=repeat,
-                                  coalesce_ms=coalesce_ms)
+        args, seconds = load_args(name, streams, rate, tokens or opts.tokens, repeat=repeat,
+                                  coalesce_ms=coalesce_ms, message=message)
         setup_allowance = streams * repeat * 0.05 if name == "webchat" else 0
         budget = setup_allowance + seconds * repeat + 0.5 * seconds + 90
         phase = workdir / f"phase-{server.port}" if profile else None
@@ -481,8 +532,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=200, help="T: tokens per reply (peers)")
     parser.add_argument("--search-steps", type=int, default=3,
                         help="bisection steps per server for sustainable streams (0: none)")
-    parser.add_argument("--fast-repeat", type=int, default=5,
+    parser.add_argument("--fast-repeat", type=int, default=1,
                         help="replies each of the 100 fast-model users streams back to back")
+    parser.add_argument("--fast-long", type=int, default=50,
+                        help="fast-model replies are the demo reply this many times over "
+                             "(webchat is sent '/long N'; the peers stream as many tokens)")
     parser.add_argument("--no-grid", action="store_true", help="skip the N x R grid")
     parser.add_argument("--resume", default="",
                         help="keep the grid of this earlier result file and redo the rest "
@@ -525,7 +579,7 @@ def parse_args() -> argparse.Namespace:
     opts = parser.parse_args()
     if opts.quick:
         opts.streams, opts.rates = "50,200", "100"
-        opts.search_steps, opts.fast_repeat, opts.no_profile = 0, 3, True
+        opts.search_steps, opts.fast_long, opts.no_profile = 0, 10, True
         opts.quiet_wait, opts.retries = 0.0, 0
         opts.no_report = True
     return opts
@@ -615,10 +669,23 @@ def main() -> None:
                 doc["stages"].append(f"search {name}")
                 save()
         if not opts.no_fast:
+            # Long replies (about 5 s each at the default): what is measured is streaming a
+            # fast model, not starting 500 replies a second.
+            fast_message = f"/long {opts.fast_long}"
+            fast_tokens = demo_tokens(fast_message)
+            if "webchat" in servers:
+                if opts.server_core is not None:
+                    os.sched_setaffinity(0, {opts.server_core})
+                try:
+                    doc["fast_render_floor"] = render_floor(fast_message, 100, 1000.0)
+                finally:
+                    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+                log(f"fast models: rendering alone {doc['fast_render_floor']}")
             for name, coalesce in (("webchat", 0.0), ("flask_min", 40.0)):
                 if name in servers:
                     result = measure(name, 100, 1000.0, opts, workdir, repeat=opts.fast_repeat,
-                                     coalesce_ms=coalesce)
+                                     coalesce_ms=coalesce, message=fast_message,
+                                     tokens=fast_tokens)
                     doc["fast"].append(result)
                     doc["stages"].append(f"fast models {name}")
                     log(brief(result))

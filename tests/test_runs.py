@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -16,19 +17,46 @@ from webchat.runs import Runner, Update
 
 
 class QueuedBackend:
-    """Yield the deltas the test puts in its queue, until it puts None."""
+    """Yield the deltas the test puts in its queue, until it puts None.
+
+    Notes which greenlet took each delta, and whether the stream was closed.
+    """
 
     name = "queued"
 
     def __init__(self) -> None:
         self.deltas: Queue[Delta | None] = Queue()
+        self.takers: list[Any] = []
+        self.closed = False
 
     def models(self) -> list[str]:
         return ["queued"]
 
     def stream(self, messages: list[ChatMessage], settings: Settings) -> Iterator[Delta]:
-        while (delta := self.deltas.get()) is not None:
-            yield delta
+        try:
+            while (delta := self.deltas.get()) is not None:
+                self.takers.append(gevent.getcurrent())
+                yield delta
+        finally:
+            self.closed = True
+
+
+last_id: list[str] = []
+
+
+def stored(database: str, message_id: str) -> store.Row:
+    with store.connect(database) as db:
+        row = store.message_by_id(db, message_id)
+    assert row is not None
+    return row
+
+
+def wait_for(condition: Any, seconds: float = 5.0) -> None:
+    """Let the hub run until ``condition()`` holds (fail after ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        gevent.sleep(0.01)
 
 
 @pytest.fixture
@@ -41,13 +69,14 @@ def database(tmp_path: Path) -> str:
 
 
 def start_reply(runner: Runner, database: str) -> Iterator[Update]:
-    """Store a turn, start its run, and return a tail of the reply."""
+    """Store a turn, start its run, and return a tail of the reply (its id in ``last_id``)."""
     db = store.connect(database)
     owner = store.create_session(db)
     cid = store.create_conversation(db, owner, model="queued")
     _user, reply, _ = store.add_turn(db, cid, "hi", model="queued", owner=owner)
     db.close()
     assert runner.claim_and_start(reply, Settings(model="queued"), [ChatMessage("user", "hi")])
+    last_id[:] = [reply["id"]]
 
     def load() -> store.Row | None:
         with store.connect(database) as db:
@@ -79,3 +108,83 @@ def test_the_first_token_is_not_held_back_and_later_ones_are_coalesced(database:
     assert [u.kind for u in rest] == ["delta", "done"]
     assert rest[-1].message is not None and rest[-1].message["content"] == "Hello world"
     gevent.joinall([r.greenlet for r in runner.runs.values() if r.greenlet], timeout=5)
+
+
+def started_and_driven(backend: QueuedBackend, runner: Runner,
+                       database: str) -> tuple[Iterator[Update], Any]:
+    """Start a reply and read its first token: from then on its tail drives it."""
+    tail = start_reply(runner, database)
+    assert next(tail).kind == "snapshot"
+    backend.deltas.put(Delta(text="Hello"))
+    assert next(tail).html == "Hello"
+    run = runner.runs[last_id[0]]
+    # The run's greenlet took the first token (the wait for it may be long: a tail
+    # inside a step cannot send keep-alives), then left the run to its tail.
+    assert backend.takers[0] is not gevent.getcurrent()
+    assert run.greenlet is None
+    return tail, run
+
+
+def test_a_tail_drives_its_run_after_the_first_token(database: str) -> None:
+    backend = QueuedBackend()
+    runner = Runner(database=database, backend=backend, coalesce_seconds=0.05)
+    tail, run = started_and_driven(backend, runner, database)
+    gevent.spawn_later(0.1, backend.deltas.put, Delta(text=" world"))
+    assert next(tail).html == " world"
+    assert backend.takers[1] is gevent.getcurrent()  # this tail took it: one wake per token
+    gevent.spawn_later(0.1, backend.deltas.put, None)
+    assert [u.kind for u in tail] == ["delta", "done"]
+    assert stored(database, run.message_id)["status"] == "complete"
+
+
+def test_a_run_goes_on_when_its_driving_tail_leaves(database: str) -> None:
+    backend = QueuedBackend()
+    runner = Runner(database=database, backend=backend, coalesce_seconds=0.05)
+    tail, run = started_and_driven(backend, runner, database)
+    tail.close()  # the tab closed
+    assert run.greenlet is not None and run.keeps_greenlet
+    backend.deltas.put(Delta(text=" again"))
+    backend.deltas.put(None)
+    wait_for(lambda: run.message_id not in runner.runs)
+    row = stored(database, run.message_id)
+    assert (row["status"], row["content"]) == ("complete", "Hello again")
+
+
+def test_stop_cancels_the_backend_at_once_while_a_tail_drives(database: str) -> None:
+    backend = QueuedBackend()
+    runner = Runner(database=database, backend=backend, coalesce_seconds=0.05)
+    tail, run = started_and_driven(backend, runner, database)
+    gevent.spawn_later(0.05, runner.stop, run.message_id)
+    # This tail is inside the step, waiting for the model, when the stop comes.
+    assert [u.kind for u in tail] == ["delta", "done"]
+    assert backend.closed and backend.deltas.qsize() == 0
+    assert stored(database, run.message_id)["status"] == "stopped"
+
+
+def test_fast_deltas_are_coalesced_with_the_runs_own_greenlet_driving(database: str) -> None:
+    backend = QueuedBackend()
+    runner = Runner(database=database, backend=backend, coalesce_seconds=0.3)
+    tail, run = started_and_driven(backend, runner, database)
+    for text in (" a", " b", " c"):
+        backend.deltas.put(Delta(text=text))
+    # The first came right after "Hello": the tail waits out the window, while the
+    # run's own greenlet takes the rest, and sends all three together.
+    assert next(tail).html == " a b c"
+    assert backend.takers[1:] == [gevent.getcurrent(), run.greenlet, run.greenlet]
+    assert run.keeps_greenlet
+    backend.deltas.put(None)
+    assert [u.kind for u in tail] == ["delta", "done"]
+
+
+def test_a_run_whose_driving_tail_stays_away_goes_on(database: str) -> None:
+    backend = QueuedBackend()
+    runner = Runner(database=database, backend=backend, coalesce_seconds=0.05,
+                    checkpoint_seconds=0.1)
+    tail, run = started_and_driven(backend, runner, database)
+    # The tail is not read (a client that does not take its events): within about
+    # DRIVER_AWAY_SECONDS the run's own greenlet drives again, and the reply completes.
+    backend.deltas.put(Delta(text=" there"))
+    backend.deltas.put(None)
+    wait_for(lambda: run.message_id not in runner.runs)
+    assert stored(database, run.message_id)["content"] == "Hello there"
+    assert [u.kind for u in tail][-1] == "done"
