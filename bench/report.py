@@ -506,11 +506,16 @@ def render(doc: dict[str, Any], source: Path) -> str:
                   "tokens long (webchat: the demo's reply to `/long N`, its Markdown reply N "
                   "times over; the minimal route: as many tokens), so that streaming is "
                   "measured rather than starting replies. Rendering alone, measured apart "
-                  f"on the server's core ({render['tokens_per_update']} tokens per update, "
-                  f"as a 40 ms window brings them, and the closing render): "
+                  + ("(after the run, on the same machine) " if render.get(
+                      "measured_after_the_run") else "")
+                  + f"on the server's core ({render['tokens_per_update']} tokens per update, "
+                  f"as a 40 ms window brings them, then the last block): "
                   f"{fmt(render['cpu_ms_per_reply'])} ms of CPU per reply, "
                   f"{fmt(render['cpu_us_per_token'])} µs a token, "
-                  f"**{fmt(render['core_pct_at_load'])}% of a core at this load**.", ""]
+                  f"**{fmt(render['core_pct_at_load'])}% of a core at this load**; rendering "
+                  f"each whole reply once, the least any renderer could do, "
+                  f"{fmt(render.get('once_ms_per_reply'))} ms a reply, "
+                  f"{fmt(render.get('once_core_pct_at_load'))}% of a core.", ""]
     lines += fast_table(doc)
     lines += ["### webchat's setup cost (before the streaming clock)", ""]
     lines += setup_table(doc)
