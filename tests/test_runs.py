@@ -188,3 +188,19 @@ def test_a_run_whose_driving_tail_stays_away_goes_on(database: str) -> None:
     wait_for(lambda: run.message_id not in runner.runs)
     assert stored(database, run.message_id)["content"] == "Hello there"
     assert [u.kind for u in tail][-1] == "done"
+
+
+def test_after_a_long_silence_the_runs_greenlet_takes_the_waits(database: str) -> None:
+    backend = QueuedBackend()
+    runner = Runner(database=database, backend=backend, coalesce_seconds=0.05,
+                    ping_seconds=0.3)
+    tail, run = started_and_driven(backend, runner, database)
+    # The model is silent for longer than a third of the keep-alive interval while this
+    # tail waits inside the step: it cannot send keep-alives meanwhile, so from then on
+    # it waits as a plain tail (and the checkpoint loop's pokes bring its keep-alives).
+    gevent.spawn_later(0.2, backend.deltas.put, Delta(text="!"))
+    assert next(tail).html == "!"
+    assert backend.takers[1] is gevent.getcurrent()
+    assert run.greenlet is not None and run.keeps_greenlet
+    backend.deltas.put(None)
+    assert [u.kind for u in tail] == ["delta", "done"]

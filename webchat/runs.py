@@ -1,9 +1,14 @@
 """A reply's generation: claim, stream from the backend, checkpoint, stop, tail.
 
-A *run* is a greenlet owned by the worker that claimed the reply. It outlives
-the HTTP connection that started it: the streaming route only *tails* it. A tail
-in the owning worker is woken in-process at once; a tail in another worker (or
-instance) reads the store's checkpoints.
+A *run* is the generation of one reply, owned by the worker that claimed it. It
+outlives the HTTP connection that started it: the streaming route only *tails*
+it. A tail in the owning worker is woken in-process at once; a tail in another
+worker (or instance) reads the store's checkpoints.
+
+A run has a greenlet of its own until its first text; then, while the tokens come
+no faster than the coalescing window, the tail that follows it advances it too
+(one wake per token instead of two). Whenever that tail leaves, lingers, waits
+long for the model or must coalesce, the run's own greenlet takes over again.
 """
 
 from __future__ import annotations
@@ -485,7 +490,12 @@ class Runner:
                     driving = (run.greenlet is None and run.stepping is None
                                and run.steps is not None)
                     if driving:
+                        stepped = time.monotonic()
                         self._step(run)  # nobody else drives it: this tail does
+                        if time.monotonic() - stepped > self.ping_seconds / 3:
+                            # The model went silent a while: a tail inside a step sends
+                            # no keep-alives, so the run's greenlet takes the waits.
+                            self._take_over(run)
                     else:
                         run.wait()
                     if run.status == "streaming" and run.version == seen:  # a poke
