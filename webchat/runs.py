@@ -74,6 +74,10 @@ class Run:
     keeps_greenlet: bool = False  # taken back from the tails: its greenlet drives to the end
     waiters: list[Waiter] = field(default_factory=list)  # tails waiting for news
 
+    def undriven(self) -> bool:
+        """Tell whether the run goes on but nobody drives it now (see ``Runner._step``)."""
+        return self.greenlet is None and self.stepping is None and self.steps is not None
+
     def notify(self) -> None:
         """Wake every tail waiting for news of this run (called once per token)."""
         self.dirty = True
@@ -371,7 +375,7 @@ class Runner:
             # that no tail drives any more goes on in its own greenlet.
             away = time.monotonic() - DRIVER_AWAY_SECONDS
             for run in list(self.runs.values()):
-                if run.greenlet is None and run.stepping is None and run.stepped_at < away:
+                if run.undriven() and run.stepped_at < away:
                     self._take_over(run)
             if self.wal_in_thread and not store.is_postgres(self.database):
                 try:
@@ -447,7 +451,7 @@ class Runner:
         finally:
             if counted is not None:
                 counted.tails -= 1
-                if counted.greenlet is None and counted.stepping is None:
+                if counted.undriven():
                     self._take_over(counted)  # it goes on without this tail
 
     def _tail(self, message_id: str, load: Callable[[], store.Row | None]) -> Iterator[Update]:
@@ -487,12 +491,11 @@ class Runner:
         while True:
             if run is not None:
                 if run.status == "streaming" and run.version == seen:
-                    driving = (run.greenlet is None and run.stepping is None
-                               and run.steps is not None)
+                    driving = run.undriven()
                     if driving:
                         stepped = time.monotonic()
                         self._step(run)  # nobody else drives it: this tail does
-                        if time.monotonic() - stepped > self.ping_seconds / 3:
+                        if run.stepped_at - stepped > self.ping_seconds / 3:
                             # The model went silent a while: a tail inside a step sends
                             # no keep-alives, so the run's greenlet takes the waits.
                             self._take_over(run)
