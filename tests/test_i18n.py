@@ -161,7 +161,7 @@ def test_the_streams_status_and_failure_are_translated(app: Any, client: Any,
     url = start_turn(client, headers=CHINESE)
     runner = app.extensions["webchat.runner"]
 
-    def tail(_mid: str, _load: Any) -> Iterator[Update]:
+    def tail(_mid: str, _load: Any, _row: Any = None) -> Iterator[Update]:
         yield Update("status", "queued", "1")
         raise RuntimeError("the run broke")
 

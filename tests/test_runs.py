@@ -204,3 +204,38 @@ def test_after_a_long_silence_the_runs_greenlet_takes_the_waits(database: str) -
     assert run.greenlet is not None and run.keeps_greenlet
     backend.deltas.put(None)
     assert [u.kind for u in tail] == ["delta", "done"]
+
+
+def test_a_tail_given_the_callers_row_reads_the_store_only_for_the_end(database: str) -> None:
+    backend = QueuedBackend()
+    runner = Runner(database=database, backend=backend, coalesce_seconds=0.05)
+    db = store.connect(database)
+    owner = store.create_session(db)
+    cid = store.create_conversation(db, owner, model="queued")
+    _user, reply, _ = store.add_turn(db, cid, "hi", model="queued", owner=owner)
+    db.close()
+    reads: list[str] = []
+
+    def load() -> store.Row | None:
+        with store.connect(database) as db:
+            row = store.get_message(db, owner, cid, reply["id"])
+        reads.append(row["status"] if row is not None else "gone")
+        return row
+
+    assert runner.claim_and_start(reply, Settings(model="queued"), [ChatMessage("user", "hi")])
+    tail = runner.tail(reply["id"], load, reply)
+    assert next(tail).kind == "snapshot"
+    assert reads == []  # the run in this worker holds the text: the caller's row will do
+    backend.deltas.put(Delta(text="Hello"))
+    assert next(tail).html == "Hello"
+    backend.deltas.put(None)
+    rest = list(tail)
+    assert [u.kind for u in rest] == ["delta", "done"]
+    assert reads == ["complete"]  # the finished row, for the closing message
+    assert rest[-1].message is not None and rest[-1].message["content"] == "Hello"
+    reads.clear()
+    # No run here any more: the caller's row (read while pending) is not trusted.
+    again = list(runner.tail(reply["id"], load, reply))
+    assert reads == ["complete"]
+    assert [u.kind for u in again] == ["snapshot", "done"]
+    assert "Hello" in again[0].html + again[0].tail

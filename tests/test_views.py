@@ -73,6 +73,19 @@ def test_a_turn_streams_snapshot_deltas_and_done(client: Any) -> None:
     assert "sse-connect" not in page
 
 
+def test_the_closing_messages_forms_carry_the_sessions_token_and_work(client: Any) -> None:
+    url, cid = start_turn(client)
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    body = client.get(url).get_data(as_text=True)
+    done = body[body.index("event: done"):]
+    assert csrf_of(done) == token  # rendered after the view returned, with its session
+    regenerate = re.search(r'action="([^"]+/regenerate)"', done)
+    assert regenerate
+    response = client.post(regenerate.group(1), data={"csrf_token": csrf_of(done)},
+                           headers={"HX-Request": "true"})
+    assert response.status_code == 200 and "sse-connect" in response.get_data(as_text=True)
+
+
 def test_another_session_gets_404_everywhere(app: Any) -> None:
     owner = app.test_client()
     url, cid = start_turn(owner)

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
+from babel import Locale
+from babel.support import NullTranslations
 from flask import Blueprint, Flask, Response, has_request_context, redirect, request
 from flask_babel import (
     Babel,
@@ -84,6 +86,10 @@ def init_app(app: Flask) -> None:
           timezone_selector=select_timezone)
     app.register_blueprint(bp)
     app.context_processor(_language_context)
+    # Templates call _() a dozen times a page and nine times in a reply's closing
+    # message; Flask-Babel finds the catalog through the context on every call.
+    app.jinja_env.install_gettext_callables(  # type: ignore[attr-defined]  # by the i18n extension
+        _template_gettext, _template_ngettext, newstyle=True)
     app.jinja_env.globals.update(
         format_decimal=format_decimal, translate_known=translate_known, time_tag=time_tag)
     app.after_request(_vary)
@@ -142,11 +148,34 @@ def _language_context() -> dict[str, Any]:
             "languages": [(code, tag, name) for code, (tag, name) in LANGUAGES.items()]}
 
 
+# Each locale's catalog, as Flask-Babel loaded it (it keeps them for the process too).
+_catalogs: dict[Locale, NullTranslations] = {}
+
+
+def catalog() -> NullTranslations:
+    """Return the catalog of the current locale (``force_locale`` included), found fast."""
+    locale = get_locale()
+    found = _catalogs.get(locale) if locale is not None else None
+    if found is None:
+        found = get_translations()
+        if locale is not None:
+            _catalogs[locale] = found
+    return found
+
+
+def _template_gettext(text: str) -> str:
+    return str(catalog().ugettext(text))
+
+
+def _template_ngettext(singular: str, plural: str, n: int) -> str:
+    return str(catalog().ungettext(singular, plural, n))
+
+
 def translate_known(text: str) -> str:
     """Return ``text`` translated if the catalog has it, else as it is (no %-formatting)."""
     if not text:
         return text
-    return str(get_translations().ugettext(text))
+    return str(catalog().ugettext(text))
 
 
 def time_tag(timestamp: float) -> Markup:

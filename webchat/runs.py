@@ -435,31 +435,44 @@ class Runner:
 
     # Tailing ---------------------------------------------------------------
 
-    def tail(self, message_id: str, load: Callable[[], store.Row | None]) -> Iterator[Update]:
+    def tail(self, message_id: str, load: Callable[[], store.Row | None],
+             row: store.Row | None = None) -> Iterator[Update]:
         """Follow a reply: a snapshot first, then increments, then done or error.
 
         ``load`` re-reads the message row (with the owner check done by the
-        caller). A reply generated in this worker is followed in-process; one
-        generated elsewhere through the store's checkpoints. Caveat: a tail may
-        advance the run itself (see ``Driving``), so iterate it promptly.
+        caller); ``row``, if given, is the row the caller has just read that way,
+        which saves the first read while the reply is being written here. A reply
+        generated in this worker is followed in-process; one generated elsewhere
+        through the store's checkpoints. Caveat: a tail may advance the run itself
+        (see ``Driving``), so iterate it promptly.
         """
         counted = self.runs.get(message_id) if self._pid == os.getpid() else None
         if counted is not None:
             counted.tails += 1
         try:
-            yield from self._tail(message_id, load)
+            updates = self._tail(message_id, load, row)
+            del row  # a stream's memory caps how many one worker serves: hold no copy
+            yield from updates
         finally:
             if counted is not None:
                 counted.tails -= 1
                 if counted.undriven():
                     self._take_over(counted)  # it goes on without this tail
 
-    def _tail(self, message_id: str, load: Callable[[], store.Row | None]) -> Iterator[Update]:
+    def _tail(self, message_id: str, load: Callable[[], store.Row | None],
+              known: store.Row | None) -> Iterator[Update]:
         read_at = time.monotonic()  # a change announced after this is news to this tail
-        row = load()
+        run = self.runs.get(message_id) if self._pid == os.getpid() else None
+        row: store.Row | None
+        if known is not None and run is not None:
+            row = known  # the run holds the text: the row need only exist, the owner's
+        else:
+            row = load()
+            # Looked up after the read, which may yield (PostgreSQL) while a run ends.
+            run = self.runs.get(message_id) if self._pid == os.getpid() else None
+        del known
         if row is None:
             return
-        run = self.runs.get(message_id) if self._pid == os.getpid() else None
         renderer = StreamRenderer(keep_blocks=False)
         content, reasoning, queued = _state(run, row)
         seen = run.version if run is not None else -1

@@ -28,6 +28,7 @@ from flask import (
     stream_template,
     url_for,
 )
+from flask.ctx import RequestContext
 from flask_babel import format_decimal, gettext
 from markupsafe import Markup, escape
 from werkzeug.exceptions import HTTPException
@@ -703,7 +704,7 @@ def stream(cid: str, mid: str) -> Response:
     _close_db()  # the stream may last minutes: hold no connection meanwhile
     load = _reply_loader(owner, cid, mid)
 
-    tail = runner().tail(mid, load)
+    tail = runner().tail(mid, load, reply)
     message_macro = get_template_attribute("_partials.html", "message")
     snapshot_macro = get_template_attribute("_partials.html", "reply_body")
     delta_macro = get_template_attribute("_partials.html", "reply_delta")
@@ -711,11 +712,14 @@ def stream(cid: str, mid: str) -> Response:
     # message, a status line, the failure notice) is rendered in a request context
     # made anew from this request's environ when it is needed: the stream runs after
     # the view has returned, and a context copy held all along cost 4 KB a stream.
+    # It gets the session this view opened: decoding and verifying the cookie again
+    # was a fifth of the closing message's cost.
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     environ = request.environ
+    opened = session._get_current_object()  # type: ignore[attr-defined]
 
     def in_request(render: Callable[[], Any]) -> str:
-        with app.request_context(environ):
+        with RequestContext(app, environ, session=opened):
             return str(render())
 
     def events() -> Iterator[bytes]:
