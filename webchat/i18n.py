@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, tzinfo
+from functools import lru_cache
 from typing import Any
 
 from babel import Locale
@@ -31,6 +32,8 @@ from flask_babel import (
     get_translations,
 )
 from markupsafe import Markup
+from werkzeug.datastructures import LanguageAccept
+from werkzeug.http import parse_accept_header
 
 from . import ROOT, views
 
@@ -102,7 +105,16 @@ def select_language() -> str:
     choice = request.cookies.get(LANG_COOKIE, "")
     if choice in LANGUAGES:
         return choice
-    return best_language(request.accept_languages)
+    header = request.headers.get("Accept-Language", "")
+    if len(header) > 200:  # no browser sends such a list: not worth keeping
+        return best_language(request.accept_languages)
+    return _language_for(header)
+
+
+@lru_cache(maxsize=128)
+def _language_for(header: str) -> str:
+    # A browser sends the same header with every request: parse and match it once.
+    return best_language(parse_accept_header(header, LanguageAccept))
 
 
 def best_language(accepted: Iterable[tuple[str, float]]) -> str:
