@@ -8,7 +8,10 @@ a message (not measured), then read its stream to ``done`` (measured: the stream
 request, claim, history, the run, the renders, the final save, the closing
 message). Prints CPU per reply, and the parts timed inside it (nested parts are
 also counted in the part around them). Not part of the test suite; the figures
-are for comparing commits on one machine.
+are for comparing commits on one machine. Runs differ by up to 10% on a shared
+machine: compare two commits by alternating them a few rounds, each from its own
+checkout (``git worktree add /tmp/old <commit>``, then
+``PYTHONPATH=/tmp/old python bench/per_reply.py`` and the same without it).
 """
 
 from __future__ import annotations
