@@ -13,6 +13,7 @@ import pytest
 from babel.messages.frontend import CommandLineInterface
 from babel.messages.mofile import read_mo, write_mo
 from babel.messages.pofile import read_po
+from flask_babel import force_locale
 from werkzeug import exceptions
 
 from webchat import create_app, i18n, views
@@ -75,6 +76,16 @@ def test_other_browsers_get_the_english_page(client: Any, accept: str) -> None:
 def test_accept_language_is_matched_to_a_catalog(app: Any, accept: str, language: str) -> None:
     with app.test_request_context("/", headers={"Accept-Language": accept}):
         assert i18n.select_language() == language
+
+
+def test_the_templates_catalog_follows_the_locale_and_a_forced_one(app: Any) -> None:
+    with app.test_request_context("/", headers={"Accept-Language": "en"}):
+        assert i18n.catalog().ugettext("Send") == "Send"
+        with force_locale("zh_Hans"):  # as the embedded chat's ?lang= does
+            assert i18n.catalog().ugettext("Send") == "发送"
+        assert i18n.catalog().ugettext("Send") == "Send"
+    with app.test_request_context("/", headers=CHINESE):
+        assert i18n.catalog().ugettext("Send") == "发送"
 
 
 def test_the_cookie_beats_the_header(client: Any) -> None:

@@ -21,7 +21,15 @@ from typing import Any
 
 from babel import Locale
 from babel.support import NullTranslations
-from flask import Blueprint, Flask, Response, has_request_context, redirect, request
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    current_app,
+    has_request_context,
+    redirect,
+    request,
+)
 from flask_babel import (
     Babel,
     format_datetime,
@@ -43,6 +51,7 @@ LANG_COOKIE = "lang"
 # Babel's name of each catalog -> its BCP 47 tag (for <html lang>) and its own name.
 LANGUAGES = {"en": ("en", "English"), "zh_Hans": ("zh-Hans", "简体中文")}
 DEFAULT_LANGUAGE = "en"
+CATALOGS = "webchat.catalogs"  # app.extensions key: each locale's catalog
 _TRADITIONAL_REGIONS = {"tw", "hk", "mo"}
 
 
@@ -89,6 +98,7 @@ def init_app(app: Flask) -> None:
           timezone_selector=select_timezone)
     app.register_blueprint(bp)
     app.context_processor(_language_context)
+    app.extensions[CATALOGS] = {}
     # Templates call _() a dozen times a page and nine times in a reply's closing
     # message; Flask-Babel finds the catalog through the context on every call.
     app.jinja_env.install_gettext_callables(  # type: ignore[attr-defined]  # by the i18n extension
@@ -160,18 +170,19 @@ def _language_context() -> dict[str, Any]:
             "languages": [(code, tag, name) for code, (tag, name) in LANGUAGES.items()]}
 
 
-# Each locale's catalog, as Flask-Babel loaded it (it keeps them for the process too).
-_catalogs: dict[Locale, NullTranslations] = {}
-
-
 def catalog() -> NullTranslations:
-    """Return the catalog of the current locale (``force_locale`` included), found fast."""
+    """Return the catalog of the current locale (``force_locale`` included), found fast.
+
+    Kept per app and locale, as Flask-Babel loaded it (an app's catalogs live as
+    long as it does), so that a lookup is one dictionary access.
+    """
     locale = get_locale()
-    found = _catalogs.get(locale) if locale is not None else None
+    known: dict[Locale, NullTranslations] = current_app.extensions[CATALOGS]
+    found = known.get(locale) if locale is not None else None
     if found is None:
         found = get_translations()
         if locale is not None:
-            _catalogs[locale] = found
+            known[locale] = found
     return found
 
 
