@@ -117,7 +117,7 @@ def select_language() -> str:
         return choice
     header = request.headers.get("Accept-Language", "")
     if len(header) > 200:  # no browser sends such a list: not worth keeping
-        return best_language(request.accept_languages)
+        return _language_for.__wrapped__(header)
     return _language_for(header)
 
 
@@ -174,7 +174,7 @@ def catalog() -> NullTranslations:
     """Return the catalog of the current locale (``force_locale`` included), found fast.
 
     Kept per app and locale, as Flask-Babel loaded it (an app's catalogs live as
-    long as it does), so that a lookup is one dictionary access.
+    long as it does): after the locale, a lookup is one dictionary access.
     """
     locale = get_locale()
     known: dict[Locale, NullTranslations] = current_app.extensions[CATALOGS]
